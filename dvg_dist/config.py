@@ -1,0 +1,206 @@
+"""Typed, validated run configuration and its strict YAML loading (DESIGN §4).
+
+YAML maps onto the dataclasses field by field; an unknown key is an error naming its dotted path, so a typo
+never silently falls back to a default. Later issues add the parallel and executor sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .dvg.options import DVGOptions, Mode
+from .dvg.planner import COST_PRESETS, Grid
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    """What the sampler needs to know about a backbone (the adapters of the engine issue fill the rest)."""
+
+    family: str = "wan"
+    """Model family: wan, hunyuanvideo, hunyuanvideo15 (adapters arrive with the engine)."""
+    path: str | None = None
+    """Local diffusers directory or hub id."""
+    shift: float = 5.0
+    """The checkpoint's own schedule shift (Wan 720p: 5.0, 480p: 3.0; HunyuanVideo: 7.0)."""
+    sigma_max: float = 1.0
+    """First base sigma before shifting."""
+    sigma_min: float = 0.0
+    """Last non-zero base sigma's limit: base sigmas are ``linspace(sigma_max, sigma_min, N+1)[:-1]`` then 0
+    (HunyuanVideo: 0; Wan's UniPC with flow sigmas: 0.001)."""
+    latent_channels: int = 16
+    patch: tuple[int, int, int] = (1, 2, 2)
+    """Transformer patch (pt, ph, pw)."""
+    vae_scale: tuple[int, int, int] = (4, 8, 8)
+    """VAE compression (time, height, width): pixel frames = scale_t·(T-1) + 1."""
+    spatial_multiple: int = 2
+    """Every stage's latent H and W must be a multiple of this (Wan: 2, since ph = pw = 2)."""
+    cost_model: str = "wan2.1-14b"
+    """FLOP cost preset used for the flop density; one of ``COST_PRESETS``."""
+
+    def __post_init__(self) -> None:
+        self.patch = tuple(int(p) for p in self.patch)  # type: ignore[assignment]
+        self.vae_scale = tuple(int(p) for p in self.vae_scale)  # type: ignore[assignment]
+        if len(self.patch) != 3 or min(self.patch) < 1:
+            raise ConfigError(f"model.patch must be 3 positive ints; got {list(self.patch)}")
+        if len(self.vae_scale) != 3 or min(self.vae_scale) < 1:
+            raise ConfigError(f"model.vae_scale must be 3 positive ints; got {list(self.vae_scale)}")
+        if self.shift <= 0:
+            raise ConfigError(f"model.shift must be > 0; got {self.shift}")
+        if not 0 <= self.sigma_min < self.sigma_max <= 1:
+            raise ConfigError(f"model needs 0 <= sigma_min < sigma_max <= 1; got {self.sigma_min}, {self.sigma_max}")
+        if self.latent_channels < 1 or self.spatial_multiple < 1:
+            raise ConfigError("model.latent_channels and model.spatial_multiple must be >= 1")
+        if self.cost_model not in COST_PRESETS:
+            raise ConfigError(f"model.cost_model must be one of {sorted(COST_PRESETS)}; got {self.cost_model!r}")
+
+
+@dataclass
+class SamplingConfig:
+    """One generation's sampling settings (flag names follow the official Wan/Hunyuan scripts)."""
+
+    steps: int = 50
+    seed: int = 0
+    budget: float = 0.5
+    """ρ*: the target token density of the DVG plan."""
+    mode: Mode = Mode.DVG
+    size: str = "1280x720"
+    """Pixel size W x H."""
+    frame_num: int = 81
+    """Pixel frames; must fit the VAE's frame rule (scale_t·k + 1)."""
+    guidance_scale: float = 5.0
+
+    def __post_init__(self) -> None:
+        try:
+            self.mode = Mode(self.mode)
+        except ValueError:
+            raise ConfigError(
+                f"sampling.mode must be one of {', '.join(m.value for m in Mode)}; got {self.mode!r}"
+            ) from None
+        if self.steps < 1:
+            raise ConfigError(f"sampling.steps must be >= 1; got {self.steps}")
+        if not 0 < self.budget <= 1:
+            raise ConfigError(f"sampling.budget must be in (0, 1]; got {self.budget}")
+        if self.frame_num < 1:
+            raise ConfigError(f"sampling.frame_num must be >= 1; got {self.frame_num}")
+        self.pixel_size()  # validates the format
+
+    def pixel_size(self) -> tuple[int, int]:
+        """(width, height) from ``size`` ("1280x720" or "1280*720")."""
+        parts = str(self.size).lower().replace("*", "x").split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"sampling.size must be WxH, e.g. 1280x720; got {self.size!r}")
+        return int(parts[0]), int(parts[1])
+
+
+@dataclass
+class Config:
+    """A whole run: model, sampling and the DVG algorithm's options."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    dvg: DVGOptions = field(default_factory=DVGOptions)
+
+    def latent_grid(self) -> Grid:
+        """The full latent (T, H, W) of ``sampling.size``/``frame_num`` under the model's VAE; refuses sizes
+        the VAE and patch cannot take exactly instead of rounding them."""
+        st, sh, sw = self.model.vae_scale
+        width, height = self.sampling.pixel_size()
+        frames = self.sampling.frame_num
+        if (frames - 1) % st:
+            raise ConfigError(f"sampling.frame_num must be {st}k+1 for this VAE (e.g. 81); got {frames}")
+        mh, mw = sh * self.model.patch[1], sw * self.model.patch[2]
+        if height % mh or width % mw:
+            raise ConfigError(f"sampling.size {width}x{height}: width must be a multiple of {mw}, height of {mh}")
+        return Grid((frames - 1) // st + 1, height // sh, width // sw)
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly: unknown keys are errors naming their path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping; got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]}; known keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{path}.{name}" if path else name)  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(value, hint, f"{path}.{name}" if path else name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """YAML lists become tuples where the field is a tuple; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # e.g. size: 1280 — let the field's own check say what shape it wants
+    if hint in (int, float, str) and not isinstance(value, hint):
+        raise ConfigError(f"{path} must be {hint.__name__}; got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (value parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override must be key=value, e.g. dvg.alpha=3.0; got {item!r}")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    return _build(Config, data, "")

@@ -1,0 +1,172 @@
+"""How much a video needs space vs. time, read from a latent (DESIGN §2, eq. 3–5).
+
+Both demands take ``x̂0`` of shape ``[B, C, T, H, W]`` and are invariant to the latent's scale (each is
+computed on standardised values). They return Python floats pooled over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .options import TemporalDemandMethod
+
+_EPS = 1e-6
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
+
+
+def _check(x: torch.Tensor) -> None:
+    if x.dim() != 5:
+        raise ValueError(f"expected a latent [B, C, T, H, W]; got shape {tuple(x.shape)}")
+
+
+def _radius(h: int, w: int, device: torch.device) -> torch.Tensor:
+    fy = torch.linspace(-1.0, 1.0, h, device=device, dtype=torch.float64)
+    fx = torch.linspace(-1.0, 1.0, w, device=device, dtype=torch.float64)
+    return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / math.sqrt(2.0)
+
+
+def spatial_demand(x0: torch.Tensor, cutoff: float = 0.5) -> float:
+    """Eq. 3: share of spectral energy at normalised radius ≥ ``cutoff``; white noise ≈ 0.6.
+
+    Standardise per (batch, channel) over (T, H, W), take ``|fftshift(fft2(·, ortho))|²`` per frame and
+    pool the high-band fraction over batch, channels and frames.
+    """
+    _check(x0)
+    x = x0.detach().to(torch.float32)
+    mean = x.mean(dim=(2, 3, 4), keepdim=True)
+    std = x.std(dim=(2, 3, 4), keepdim=True, unbiased=False)
+    x = (x - mean) / (std + _EPS)
+    power = torch.fft.fftshift(torch.fft.fft2(x, norm="ortho"), dim=(-2, -1)).abs().square()
+    band = (_radius(x.shape[-2], x.shape[-1], x.device) >= cutoff).to(power.dtype)
+    per_pixel = power.sum(dim=(0, 1, 2))  # [H, W]
+    total = per_pixel.sum()
+    return float((per_pixel * band).sum() / total.clamp_min(1e-12))
+
+
+def _frames(x0: torch.Tensor) -> torch.Tensor:
+    """Channel-mean frames ``[B, T, H, W]``, each standardised over (H, W)."""
+    f = x0.detach().to(torch.float32).mean(dim=1)
+    mean = f.mean(dim=(-2, -1), keepdim=True)
+    std = f.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (f - mean) / (std + _EPS)
+
+
+def _gradients(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sobel/8 gradients (zero padding 1) of ``[N, H, W]`` frames."""
+    kx = _SOBEL_X.to(frames)
+    kernels = torch.stack([kx, kx.t()])[:, None]  # [2, 1, 3, 3]: d/dx, d/dy
+    g = F.conv2d(frames[:, None], kernels, padding=1)
+    return g[:, 0], g[:, 1]
+
+
+def _lk_solve(gx: torch.Tensor, gy: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """One global Lucas–Kanade vector ``(u_x, u_y)`` per frame pair: ``A·u = -b``, det clamped ≥ 1e-6."""
+    sxx = (gx * gx).sum(dim=(-2, -1))
+    sxy = (gx * gy).sum(dim=(-2, -1))
+    syy = (gy * gy).sum(dim=(-2, -1))
+    bx = (gx * d).sum(dim=(-2, -1))
+    by = (gy * d).sum(dim=(-2, -1))
+    det = (sxx * syy - sxy * sxy).clamp_min(1e-6)
+    ux = -(syy * bx - sxy * by) / det
+    uy = -(-sxy * bx + sxx * by) / det
+    return torch.stack([ux, uy], dim=-1)
+
+
+def lucas_kanade(x0: torch.Tensor) -> torch.Tensor:
+    """Global motion per adjacent frame pair, ``[B, T-1, 2]`` as (x, y) in latent pixels per frame."""
+    _check(x0)
+    f = _frames(x0)
+    b, t, h, w = f.shape
+    if t < 2:
+        return f.new_zeros(b, 0, 2)
+    prev = f[:, :-1].reshape(-1, h, w)
+    gx, gy = _gradients(prev)
+    d = (f[:, 1:] - f[:, :-1]).reshape(-1, h, w)
+    return _lk_solve(gx, gy, d).reshape(b, t - 1, 2)
+
+
+def _shift(frames: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``frames[n](p - u[n])``: translate each frame by its own vector (bilinear, border values kept)."""
+    n, h, w = frames.shape
+    ys = torch.arange(h, dtype=frames.dtype, device=frames.device)
+    xs = torch.arange(w, dtype=frames.dtype, device=frames.device)
+    src_x = xs[None, None, :] - u[:, 0, None, None]
+    src_y = ys[None, :, None] - u[:, 1, None, None]
+    gx = 2 * src_x / max(w - 1, 1) - 1
+    gy = 2 * src_y / max(h - 1, 1) - 1
+    grid = torch.stack([gx.expand(n, h, w), gy.expand(n, h, w)], dim=-1)
+    return F.grid_sample(frames[:, None], grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+
+
+def pyramid_lucas_kanade(x0: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """Coarse-to-fine global LK with warping, ``[B, T-1, 2]``: sees motion of several latent px/frame,
+    where the single-level estimate saturates."""
+    _check(x0)
+    f = _frames(x0)
+    b, t, h, w = f.shape
+    if t < 2:
+        return f.new_zeros(b, 0, 2)
+    prev = f[:, :-1].reshape(-1, h, w)
+    nxt = f[:, 1:].reshape(-1, h, w)
+    pyramid = [(prev, nxt)]
+    for _ in range(levels - 1):
+        p, q = pyramid[-1]
+        if min(p.shape[-2:]) < 8:
+            break
+        pyramid.append((F.avg_pool2d(p[:, None], 2)[:, 0], F.avg_pool2d(q[:, None], 2)[:, 0]))
+    u = prev.new_zeros(prev.shape[0], 2)
+    for level, (p, q) in enumerate(reversed(pyramid)):
+        if level:
+            u = u * 2
+        warped = _shift(p, u)
+        gx, gy = _gradients(warped)
+        u = u + _lk_solve(gx, gy, q - warped)
+    return u.reshape(b, t - 1, 2)
+
+
+def temporal_demand(
+    x0: torch.Tensor, method: TemporalDemandMethod | str = TemporalDemandMethod.LK, levels: int = 3
+) -> float:
+    """Eq. 4: ``D_t = m / (1 + m)`` with ``m`` the mean length of the global motion vectors."""
+    method = TemporalDemandMethod(method)
+    flow = lucas_kanade(x0) if method == TemporalDemandMethod.LK else pyramid_lucas_kanade(x0, levels)
+    if flow.shape[1] == 0:
+        return 0.0
+    m = float(flow.norm(dim=-1).mean())
+    return m / (1.0 + m)
+
+
+def demand_weights(d_s: float, d_t: float, alpha: float = 2.6) -> tuple[float, float]:
+    """Eq. 5: ``w_s = e^{α·D_s} / (e^{α·D_s} + e^{α·D_t})``, ``w_t = 1 - w_s``."""
+    w_s = 1.0 / (1.0 + math.exp(alpha * (d_t - d_s)))
+    return w_s, 1.0 - w_s
+
+
+@dataclass(frozen=True)
+class Demands:
+    """What the sketch analysis found: both demands and the weights they give."""
+
+    spatial: float
+    temporal: float
+    w_s: float
+    w_t: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"spatial": self.spatial, "temporal": self.temporal, "w_s": self.w_s, "w_t": self.w_t}
+
+
+def analyse(
+    x0: torch.Tensor,
+    alpha: float = 2.6,
+    method: TemporalDemandMethod | str = TemporalDemandMethod.LK,
+    levels: int = 3,
+) -> Demands:
+    """Both demands and the weights for one sketch ``x̂0``."""
+    d_s = spatial_demand(x0)
+    d_t = temporal_demand(x0, method, levels)
+    w_s, w_t = demand_weights(d_s, d_t, alpha)
+    return Demands(d_s, d_t, w_s, w_t)
