@@ -23,28 +23,34 @@ def _check(x: torch.Tensor) -> None:
         raise ValueError(f"expected a latent [B, C, T, H, W]; got shape {tuple(x.shape)}")
 
 
-def _radius(h: int, w: int, device: torch.device) -> torch.Tensor:
+def _high_band(h: int, w: int, cutoff: float, device: torch.device) -> torch.Tensor:
+    """Mask of the frequencies at normalised radius ≥ ``cutoff``, in ``fft2``'s (unshifted) order.
+
+    The radius is ``sqrt(f_y² + f_x²)/√2`` with ``f = linspace(-1, 1, n)`` laid over the *shifted*
+    spectrum (corner = 1); ``ifftshift`` of that mask puts it in unshifted order, which saves shifting the
+    power spectrum itself.
+    """
     fy = torch.linspace(-1.0, 1.0, h, device=device, dtype=torch.float64)
     fx = torch.linspace(-1.0, 1.0, w, device=device, dtype=torch.float64)
-    return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / math.sqrt(2.0)
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / math.sqrt(2.0)
+    return torch.fft.ifftshift(radius >= cutoff, dim=(-2, -1))
 
 
 def spatial_demand(x0: torch.Tensor, cutoff: float = 0.5) -> float:
-    """Eq. 3: share of spectral energy at normalised radius ≥ ``cutoff``; white noise ≈ 0.6.
+    """Eq. 3: share of spectral energy at normalised radius ≥ ``cutoff``; white noise ≈ 0.61–0.65 (grid-size
+    dependent; 1 − π/8 in the limit).
 
     Standardise per (batch, channel) over (T, H, W), take ``|fftshift(fft2(·, ortho))|²`` per frame and
     pool the high-band fraction over batch, channels and frames.
     """
     _check(x0)
     x = x0.detach().to(torch.float32)
-    mean = x.mean(dim=(2, 3, 4), keepdim=True)
-    std = x.std(dim=(2, 3, 4), keepdim=True, unbiased=False)
-    x = (x - mean) / (std + _EPS)
-    power = torch.fft.fftshift(torch.fft.fft2(x, norm="ortho"), dim=(-2, -1)).abs().square()
-    band = (_radius(x.shape[-2], x.shape[-1], x.device) >= cutoff).to(power.dtype)
-    per_pixel = power.sum(dim=(0, 1, 2))  # [H, W]
-    total = per_pixel.sum()
-    return float((per_pixel * band).sum() / total.clamp_min(1e-12))
+    var, mean = torch.var_mean(x, dim=(2, 3, 4), keepdim=True, correction=0)
+    x = (x - mean) / (var.sqrt() + _EPS)
+    spec = torch.fft.fft2(x, norm="ortho")
+    per_freq = (spec.real.square() + spec.imag.square()).sum(dim=(0, 1, 2))  # [H, W], unshifted
+    band = _high_band(x.shape[-2], x.shape[-1], cutoff, x.device)
+    return float(per_freq[band].sum() / per_freq.sum().clamp_min(1e-12))
 
 
 def _frames(x0: torch.Tensor) -> torch.Tensor:
@@ -102,6 +108,16 @@ def _shift(frames: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(frames[:, None], grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
 
 
+def _downsample(frames: torch.Tensor) -> torch.Tensor:
+    """Half-size ``[N, H, W]`` after a binomial [1, 4, 6, 4, 1]/16 blur: without the blur, fine texture
+    aliases into false coarse-level motion (a 0.25 px/frame texture read as 1.3 px/frame)."""
+    k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=frames.dtype, device=frames.device) / 16
+    x = F.pad(frames[:, None], (2, 2, 2, 2), mode="replicate")
+    x = F.conv2d(x, k1.view(1, 1, 1, 5))
+    x = F.conv2d(x, k1.view(1, 1, 5, 1))
+    return x[:, 0, ::2, ::2]
+
+
 def pyramid_lucas_kanade(x0: torch.Tensor, levels: int = 3) -> torch.Tensor:
     """Coarse-to-fine global LK with warping, ``[B, T-1, 2]``: sees motion of several latent px/frame,
     where the single-level estimate saturates."""
@@ -117,7 +133,7 @@ def pyramid_lucas_kanade(x0: torch.Tensor, levels: int = 3) -> torch.Tensor:
         p, q = pyramid[-1]
         if min(p.shape[-2:]) < 8:
             break
-        pyramid.append((F.avg_pool2d(p[:, None], 2)[:, 0], F.avg_pool2d(q[:, None], 2)[:, 0]))
+        pyramid.append((_downsample(p), _downsample(q)))
     u = prev.new_zeros(prev.shape[0], 2)
     for level, (p, q) in enumerate(reversed(pyramid)):
         if level:

@@ -8,6 +8,7 @@ field at the sketch's coordinates — so a result depends on the seed alone.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,13 @@ _MASK53 = (1 << 53) - 1
 def _srl(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
     return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def as_seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """One seed or a sequence of them (Python or numpy integers) as Python ints."""
+    if isinstance(seeds, numbers.Integral):
+        return [int(seeds)]
+    return [int(s) for s in seeds]  # type: ignore[union-attr]
 
 
 def _mix(z: torch.Tensor) -> torch.Tensor:
@@ -60,7 +68,7 @@ def hash_noise(
     ``seeds``: one int or one per batch element. Computed in int64/float64 and cast to ``dtype`` last, so
     values are bit-identical across calls, processes and shardings on the same device type.
     """
-    seed_list = [seeds] if isinstance(seeds, int) else list(seeds)
+    seed_list = as_seed_list(seeds)
     if not seed_list:
         raise ValueError("hash_noise needs at least one seed")
 
@@ -92,7 +100,7 @@ def random_noise(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Plain ``randn`` per batch element, seeded by (seed, salt): the "random re-noise" ablation."""
-    seed_list = [seeds] if isinstance(seeds, int) else list(seeds)
+    seed_list = as_seed_list(seeds)
     out = []
     for s in seed_list:
         gen = torch.Generator().manual_seed((s * 1_000_003 + salt) % (1 << 63))

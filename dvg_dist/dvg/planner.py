@@ -40,7 +40,7 @@ class Grid:
     def parse(cls, text: str) -> Grid:
         """``"21x90x160"`` → ``Grid(21, 90, 160)``."""
         parts = text.lower().replace("*", "x").split("x")
-        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        if len(parts) != 3 or not all(p.strip().isascii() and p.strip().isdigit() and int(p) > 0 for p in parts):
             raise ValueError(f"grid must be TxHxW with positive integers, e.g. 21x90x160; got {text!r}")
         return cls(*(int(p) for p in parts))
 
@@ -142,7 +142,10 @@ class Planner:
         """``round(ratio·full)`` (half-to-even, like Python and the released code), then to the nearest
         multiple of the backbone's spatial multiple, at least one multiple, at most ``full``."""
         m = self.spatial_multiple
-        size = m * round(round(ratio * full) / m)
+        size = round(ratio * full)
+        if size >= full:
+            return full  # s = 1 is the full side even when the full side is not a multiple of m
+        size = m * round(size / m)
         return max(min(m, full), min(size, full))
 
     def sketch_frames(self) -> int:
@@ -212,12 +215,16 @@ class Planner:
         eps = 1e-12  # a density exactly δ away is inside, whatever the float rounding of the subtraction
         kept = [c for c in cands if abs(c.density - self.budget) <= self.options.delta + eps]
         if not kept:
-            lo = min(c.density for c in cands)
-            hi = max(c.density for c in cands)
+            dens = sorted({c.density for c in cands})
+            lo, hi = dens[0], dens[-1]
+            below = [d for d in dens if d < self.budget]
+            above = [d for d in dens if d > self.budget]
+            nearest = ", ".join(f"{d:.3f}" for d in ([below[-1]] if below else []) + ([above[0]] if above else []))
+            hint = " (try dvg.s_grid=0.05)" if mode == Mode.SPATIAL_ONLY and self.options.s_grid > 0.05 else ""
             raise InfeasibleBudget(
                 f"budget {self.budget:g} is infeasible for latent {self.full} with {self.num_steps} steps in mode "
-                f"{mode.value}: reachable densities are {lo:.3f}-{hi:.3f} (tolerance {self.options.delta:g}), "
-                f"so use a budget in [{max(lo - self.options.delta, 0):.3f}, {min(hi + self.options.delta, 1):.3f}]"
+                f"{mode.value}: no action is within {self.options.delta:g} of it; reachable densities are "
+                f"{lo:.3f}-{hi:.3f} with gaps, the nearest being {nearest}{hint}"
             )
         return sorted(kept, key=lambda c: sort_key(c, self.budget))
 

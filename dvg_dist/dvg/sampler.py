@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from .demands import Demands, analyse
-from .noise import hash_noise, random_noise
+from .noise import as_seed_list, hash_noise, random_noise
 from .options import DVGOptions, Mode, RenoiseMode, ResizeMode
 from .planner import COST_PRESETS, Candidate, CostModel, Grid, Planner, full_candidate
 from .resize import resize, stage_coords
@@ -52,21 +52,29 @@ VelocityFn = Callable[[torch.Tensor, float, StageContext], torch.Tensor]
 
 
 class StepRule(Protocol):
-    """A solver step on one stage's schedule; ``reset`` starts a new stage (history cleared)."""
+    """A solver on one stage's schedule. ``reset`` starts a stage: the N+1 sigmas of the new schedule and
+    the shift they were made with (a multistep solver rebuilds itself and drops its history, since the
+    grid changed); ``timestep(i)`` is what the model is given at call ``i``; ``step`` advances i → i+1."""
 
-    def reset(self, sigmas: torch.Tensor) -> None: ...
+    def reset(self, sigmas: torch.Tensor, shift: float) -> None: ...
+
+    def timestep(self, i: int) -> float: ...
 
     def step(self, x: torch.Tensor, v: torch.Tensor, i: int) -> torch.Tensor: ...
 
 
 class EulerStep:
-    """``x_{i+1} = x_i + (σ_{i+1} - σ_i)·v_i``."""
+    """``x_{i+1} = x_i + (σ_{i+1} - σ_i)·v_i``; the model gets ``σ_i·1000``."""
 
     def __init__(self) -> None:
         self.sigmas: torch.Tensor | None = None
 
-    def reset(self, sigmas: torch.Tensor) -> None:
+    def reset(self, sigmas: torch.Tensor, shift: float) -> None:
         self.sigmas = sigmas
+
+    def timestep(self, i: int) -> float:
+        assert self.sigmas is not None, "reset() must be called with the schedule first"
+        return sigma_to_timestep(float(self.sigmas[i]))
 
     def step(self, x: torch.Tensor, v: torch.Tensor, i: int) -> torch.Tensor:
         assert self.sigmas is not None, "reset() must be called with the schedule first"
@@ -224,7 +232,7 @@ def sample(
     ``decide`` maps the sketch's ``x̂0`` to a :class:`Decision` (default: :func:`local_decider`);
     ``observer(step, stage, x̂0)`` sees every transition's extrapolated latent.
     """
-    seed_list = [seeds] if isinstance(seeds, int) else list(seeds)
+    seed_list = as_seed_list(seeds)
     opts = config.effective_options
     n = config.num_steps
     # ``full`` has no stages, so it runs at any step count; the staged modes need room for 3 boundaries.
@@ -251,7 +259,7 @@ def sample(
     stage = 0
     shift = config.stage_shift(0)
     sigmas = flow_sigmas(n, shift, config.sigma_max, config.sigma_min)
-    step_rule.reset(sigmas)
+    step_rule.reset(sigmas, shift)
     x = _noise(config, seed_list, channels, coords[0], 0, torch.empty(0, dtype=dtype, device=device))
     timings: dict[str, float] = {}
     t_stage = time.perf_counter()
@@ -259,7 +267,7 @@ def sample(
     for i in range(n):
         sigma = float(sigmas[i])
         ctx = StageContext(stage, grids[stage], coords[stage], i, sigma, shift)
-        v = velocity(x, sigma_to_timestep(sigma), ctx)
+        v = velocity(x, step_rule.timestep(i), ctx)
         if v.shape != x.shape:
             raise ValueError(f"velocity at step {i} has shape {tuple(v.shape)}; the latent is {tuple(x.shape)}")
         if stage >= len(boundaries) or i != boundaries[stage]:
@@ -276,6 +284,14 @@ def sample(
             assert decide is not None
             decision = decide(x0_hat)
             timings["decide"] = time.perf_counter() - t_decide
+            # A custom decide may return anything: outside these bounds the planner's clamping would record
+            # a sketch grid that never ran (T23 < T1) or a T23 that never ran (T23 > T).
+            t1 = planner.sketch_frames()
+            if not (0 < decision.s <= 1 and t1 <= decision.t23 <= config.full.t):
+                raise ValueError(
+                    f"decide returned s={decision.s}, T23={decision.t23}; need 0 < s <= 1 and "
+                    f"{t1} <= T23 <= {config.full.t} (the sketch's frames up to the full frames)"
+                )
             spatial_in_stage3 = config.selection_mode == Mode.SPATIAL_ONLY
             chosen = planner.candidate(decision.s, decision.t23, spatial_in_stage3)
             grids = chosen.grids
@@ -287,7 +303,7 @@ def sample(
         stage += 1
         shift = config.stage_shift(stage)
         sigmas = flow_sigmas(n, shift, config.sigma_max, config.sigma_min)  # whole schedule anew, same step index
-        step_rule.reset(sigmas)
+        step_rule.reset(sigmas, shift)
         y = resize(x0_hat, grids[stage], opts.resize)
         if stage == 1:
             y = smooth_sketch(y, opts.smooth_keep)
