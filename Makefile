@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+TINY_WAN := build/tiny-wan
+PROMPT ?= a red ball rolling over green grass, slow motion
+
+.PHONY: run plan test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,7 +15,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-run: $(STAMP)
+$(TINY_WAN)/model_index.json: | $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) launch/make_tiny_checkpoint.py --family wan --out $(TINY_WAN) --overwrite
+
+# The main job: DVG on the tiny random-weight Wan checkpoint (built on first use), one video in out/.
+run: $(STAMP) $(TINY_WAN)/model_index.json
+	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --config configs/tiny-wan.yaml --prompt "$(PROMPT)" \
+		--mode dvg --budget 0.5 --out out --save-latent
+
+# The planner alone, for a Wan-720p latent (words, then JSON).
+plan: $(STAMP)
 	$(PY) launch/plan.py --grid 21x90x160 --steps 50 --budget 0.5 --spatial-multiple 2 --synthetic-sketch 0
 	$(PY) launch/plan.py --grid 21x90x160 --steps 50 --budget 0.5 --spatial-multiple 2 --synthetic-sketch 0 --json
 
@@ -26,6 +38,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) bench/planner.py
+	$(PY) bench/speedup.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build out

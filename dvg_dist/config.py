@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .dvg.options import DVGOptions, Mode
 from .dvg.planner import COST_PRESETS, Grid
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ConfigError(ValueError):
@@ -31,8 +34,13 @@ class ModelConfig:
     """Model family: wan, hunyuanvideo, hunyuanvideo15 (adapters arrive with the engine)."""
     path: str | None = None
     """Local diffusers directory or hub id."""
-    shift: float = 5.0
-    """The checkpoint's own schedule shift (Wan 720p: 5.0, 480p: 3.0; HunyuanVideo: 7.0)."""
+    shift: float | None = None
+    """The model's own schedule shift; None takes the checkpoint scheduler's (Wan 720p ships 5.0, 480p 3.0;
+    HunyuanVideo 7.0). Without a checkpoint (the planner tool) None means 5.0."""
+    dtype: str = "float32"
+    """Weights and activations: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """cuda, cpu, cuda:N, or auto (cuda when available)."""
     sigma_max: float = 1.0
     """First base sigma before shifting."""
     sigma_min: float = 0.0
@@ -45,8 +53,9 @@ class ModelConfig:
     """VAE compression (time, height, width): pixel frames = scale_t·(T-1) + 1."""
     spatial_multiple: int = 2
     """Every stage's latent H and W must be a multiple of this (Wan: 2, since ph = pw = 2)."""
-    cost_model: str = "wan2.1-14b"
-    """FLOP cost preset used for the flop density; one of ``COST_PRESETS``."""
+    cost_model: str = "auto"
+    """FLOP cost model for the flop density: ``auto`` (from the checkpoint's transformer config; the
+    planner tool without a checkpoint uses wan2.1-14b) or one of ``COST_PRESETS``."""
 
     def __post_init__(self) -> None:
         self.patch = tuple(int(p) for p in self.patch)  # type: ignore[assignment]
@@ -55,14 +64,17 @@ class ModelConfig:
             raise ConfigError(f"model.patch must be 3 positive ints; got {list(self.patch)}")
         if len(self.vae_scale) != 3 or min(self.vae_scale) < 1:
             raise ConfigError(f"model.vae_scale must be 3 positive ints; got {list(self.vae_scale)}")
-        if self.shift <= 0:
+        if self.shift is not None and self.shift <= 0:
             raise ConfigError(f"model.shift must be > 0; got {self.shift}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if not 0 <= self.sigma_min < self.sigma_max <= 1:
             raise ConfigError(f"model needs 0 <= sigma_min < sigma_max <= 1; got {self.sigma_min}, {self.sigma_max}")
         if self.latent_channels < 1 or self.spatial_multiple < 1:
             raise ConfigError("model.latent_channels and model.spatial_multiple must be >= 1")
-        if self.cost_model not in COST_PRESETS:
-            raise ConfigError(f"model.cost_model must be one of {sorted(COST_PRESETS)}; got {self.cost_model!r}")
+        if self.cost_model != "auto" and self.cost_model not in COST_PRESETS:
+            choices = ", ".join(["auto", *sorted(COST_PRESETS)])
+            raise ConfigError(f"model.cost_model must be one of {choices}; got {self.cost_model!r}")
 
 
 @dataclass
@@ -79,6 +91,10 @@ class SamplingConfig:
     frame_num: int = 81
     """Pixel frames; must fit the VAE's frame rule (scale_t·k + 1)."""
     guidance_scale: float = 5.0
+    """Classifier-free guidance; 1 skips the unconditional pass."""
+    guidance_scale_2: float | None = None
+    """Guidance of the low-noise expert of a two-expert model (Wan 2.2 A14B); None = ``guidance_scale``."""
+    negative_prompt: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -93,6 +109,8 @@ class SamplingConfig:
             raise ConfigError(f"sampling.budget must be in (0, 1]; got {self.budget}")
         if self.frame_num < 1:
             raise ConfigError(f"sampling.frame_num must be >= 1; got {self.frame_num}")
+        if self.guidance_scale < 0 or (self.guidance_scale_2 is not None and self.guidance_scale_2 < 0):
+            raise ConfigError("sampling.guidance_scale and guidance_scale_2 must be >= 0")
         self.pixel_size()  # validates the format
 
     def pixel_size(self) -> tuple[int, int]:

@@ -275,6 +275,7 @@ def sample(
             continue
 
         # -- stage switch after model call i (no extra call) -----------------------------------------
+        t_switch = time.perf_counter()
         x0_hat = extrapolate_x0(x, v, sigma)
         if observer is not None:
             observer(i, stage, x0_hat)
@@ -309,6 +310,7 @@ def sample(
             y = smooth_sketch(y, opts.smooth_keep)
         eps = _noise(config, seed_list, channels, coords[stage], i + 1, y)
         x = renoise(y, eps, float(sigmas[i + 1]))
+        timings["transitions"] = timings.get("transitions", 0.0) + time.perf_counter() - t_switch
         logger.info(
             "stage %d -> %d after step %d: grid %s, shift %g, re-noised at sigma %.4f",
             stage, stage + 1, i, grids[stage], shift, float(sigmas[i + 1]),

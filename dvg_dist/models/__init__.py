@@ -1,1 +1,51 @@
-"""See DESIGN §4; filled by later issues."""
+"""One adapter per diffusers family, chosen by the pipeline class a checkpoint's ``model_index.json`` names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
+from .wan import WanAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {name: WanAdapter for name in WanAdapter.pipeline_classes}
+"""Pipeline class name → adapter."""
+
+FAMILIES = {"wan": WanAdapter}
+
+
+def read_model_index(path: str | Path) -> dict[str, Any]:
+    """The checkpoint directory's ``model_index.json``; one-line errors for what is not a diffusers pipeline."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"model not found: {p} (give a local diffusers pipeline directory)")
+    index = p / "model_index.json"
+    if not p.is_dir() or not index.is_file():
+        raise InputError(f"{p} is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        data = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{index} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    name = data.get("_class_name")
+    if name not in ADAPTERS:
+        raise InputError(f"{p} holds a {name}; supported pipelines: {', '.join(sorted(ADAPTERS))}")
+    return data
+
+
+def adapter_class(path: str | Path) -> type[Adapter]:
+    return ADAPTERS[read_model_index(path)["_class_name"]]
+
+
+__all__ = [
+    "ADAPTERS",
+    "FAMILIES",
+    "Adapter",
+    "Conditioning",
+    "FamilySpec",
+    "InputError",
+    "SequencePlan",
+    "WanAdapter",
+    "adapter_class",
+    "read_model_index",
+]

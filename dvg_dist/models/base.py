@@ -1,0 +1,211 @@
+"""What an adapter declares about a diffusers video family, and the contract the engine relies on.
+
+An adapter never copies a model's ``forward``: it says how to call the diffusers transformer (which
+kwargs, how the timestep is passed, what is concatenated to the latent for I2V), how the pipeline encodes
+prompts, how the VAE decodes, and — for the sequence-parallel issue — which tensors carry the tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..dvg.planner import CostModel, Grid
+from ..dvg.resize import sample_at
+from ..dvg.sampler import StageContext
+
+
+class InputError(ValueError):
+    """A request the model cannot take; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """Which module inputs carry the token sequence and where the sequence is gathered again (the
+    diffusers ``_cp_plan`` idea, as data). Applied by ``dvg_dist.parallel`` in the sequence-parallel issue.
+
+    Keys are module paths inside the transformer (``""`` is the transformer itself); values name the
+    forward argument (or output index) and the sequence dim.
+    """
+
+    split_inputs: dict[str, dict[str, int]] = field(default_factory=dict)
+    """module → {argument name: sequence dim} split across the sp group before the module runs."""
+    replicated_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """module → arguments every rank keeps whole (text tokens of joint attention)."""
+    gather_outputs: dict[str, int] = field(default_factory=dict)
+    """module → sequence dim of its output, all-gathered after it runs."""
+
+
+@dataclass
+class Conditioning:
+    """Everything the transformer needs besides the latent and the timestep, for one batch of prompts."""
+
+    cond: dict[str, Any]
+    """Transformer kwargs of the conditional pass."""
+    uncond: dict[str, Any] | None
+    """Transformer kwargs of the unconditional pass; None when guidance is off (one pass per step)."""
+    latent_condition: torch.Tensor | None = None
+    """Full-size ``[B, C', T, H, W]`` channels concatenated to the latent (I2V), sampled at each stage's
+    coordinates so every stage sees the same image at the same place."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A family's geometry: what the planner and the validation need, read from the loaded checkpoint."""
+
+    latent_channels: int
+    patch: tuple[int, int, int]
+    vae_scale: tuple[int, int, int]
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Stage grids' H and W must be whole patches."""
+        return math.lcm(self.patch[1], self.patch[2])
+
+    def latent_grid(self, width: int, height: int, frames: int) -> Grid:
+        """The full latent of a ``width × height`` video of ``frames`` frames; refuses (never rounds) what the
+        VAE and the patch cannot take exactly, naming the nearest valid values."""
+        st, sh, sw = self.vae_scale
+        if frames < 1 or (frames - 1) % st:
+            lo = max(1, (frames - 1) // st * st + 1)
+            raise InputError(f"frame count {frames} is not {st}k+1 for this model; nearest valid: {lo} or {lo + st}")
+        mh, mw = sh * self.patch[1], sw * self.patch[2]
+        if width < mw or height < mh or width % mw or height % mh:
+            raise InputError(
+                f"size {width}x{height}: width must be a multiple of {mw} and height of {mh} "
+                f"(nearest valid: {max(mw, round(width / mw) * mw)}x{max(mh, round(height / mh) * mh)})"
+            )
+        return Grid((frames - 1) // st + 1, height // sh, width // sw)
+
+
+class Adapter(ABC):
+    """One diffusers family. Subclasses declare data and small functions; the engine does the rest."""
+
+    family: ClassVar[str]
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    """diffusers pipeline class names this adapter drives (checked after loading)."""
+    i2v_pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    """The subset that is image-to-video (needs ``--image``)."""
+    sequence_plan: ClassVar[SequencePlan] = SequencePlan()
+    fps: ClassVar[int] = 16
+    """Frame rate of the written video."""
+    transformer_config: ClassVar[str] = "transformer/config.json"
+    vae_config: ClassVar[str] = "vae/config.json"
+
+    @staticmethod
+    @abstractmethod
+    def spec_from_configs(transformer: dict[str, Any], vae: dict[str, Any]) -> FamilySpec:
+        """Geometry from the transformer's and VAE's configs."""
+
+    @staticmethod
+    @abstractmethod
+    def cost_model_from_config(transformer: dict[str, Any]) -> CostModel:
+        """Per-layer FLOPs ``a·L + b·L²`` of this transformer, from its config (hidden, FFN, text tokens)."""
+
+    @classmethod
+    def read_json_configs(cls, path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The transformer's and VAE's ``config.json`` of a checkpoint directory (no weights loaded)."""
+        p = Path(path)
+        try:
+            transformer = json.loads((p / cls.transformer_config).read_text())
+            vae = json.loads((p / cls.vae_config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{p}: cannot read the transformer/VAE configs ({e})") from None
+        return transformer, vae
+
+    @classmethod
+    def read_spec(cls, path: str | Path) -> FamilySpec:
+        """Geometry from a checkpoint directory's JSON configs, without loading any weights — so bad sizes,
+        frame counts and budgets are refused before the heavy work."""
+        return cls.spec_from_configs(*cls.read_json_configs(path))
+
+    def __init__(self, pipe: Any) -> None:
+        name = type(pipe).__name__
+        if name not in self.pipeline_classes:
+            raise InputError(
+                f"{self.family} adapter drives {', '.join(self.pipeline_classes)}; the checkpoint is a {name}"
+            )
+        self.pipe = pipe
+
+    # -- declared geometry ---------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def spec(self) -> FamilySpec: ...
+
+    @property
+    def is_i2v(self) -> bool:
+        return type(self.pipe).__name__ in self.i2v_pipeline_classes
+
+    @property
+    def transformer_dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    # -- conditioning --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None,
+        guidance_scale: float,
+        image: Any | None,
+        grid: Grid,
+    ) -> Conditioning:
+        """Prompt (and image) conditioning with the pipeline's own encode functions."""
+
+    # -- one transformer pass ------------------------------------------------------------------------
+
+    def transformer_for(self, timestep: float) -> tuple[torch.nn.Module, str]:
+        """The transformer that runs at ``timestep`` and a name for it (two-expert MoE families override)."""
+        return self.pipe.transformer, "transformer"
+
+    def guidance_for(self, timestep: float, guidance_scale: float, guidance_scale_2: float | None) -> float:
+        return guidance_scale
+
+    def model_input(self, x: torch.Tensor, ctx: StageContext, conditioning: Conditioning, full: Grid) -> torch.Tensor:
+        """The latent the transformer sees: ``x``, plus I2V condition channels sampled at this stage."""
+        if conditioning.latent_condition is None:
+            return x.to(self.transformer_dtype)
+        cond = sample_at(conditioning.latent_condition, ctx.coords, full).to(x)
+        return torch.cat([x, cond], dim=1).to(self.transformer_dtype)
+
+    @abstractmethod
+    def timestep_tensor(self, timestep: float, batch: int) -> torch.Tensor:
+        """How the family passes the timestep (dtype, shape) — exactly as its pipeline does."""
+
+    def forward(
+        self, module: torch.nn.Module, x_in: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Call the diffusers transformer itself; never a copy of its forward."""
+        return module(hidden_states=x_in, timestep=t, return_dict=False, **kwargs)[0]
+
+    # -- solver, decode ------------------------------------------------------------------------------
+
+    @property
+    def scheduler(self) -> Any:
+        """The checkpoint's own scheduler (its class and config are what the solver rebuilds per stage)."""
+        return self.pipe.scheduler
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latent ``[B, C, T, H, W]`` → uint8 frames ``[B, F, H, W, 3]`` with the pipeline's VAE."""
+
+    def enable_vae_tiling(self) -> bool:
+        """Tiled decode where diffusers offers it; returns whether it is on."""
+        vae = self.pipe.vae
+        if hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+            return True
+        return False

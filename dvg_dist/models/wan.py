@@ -1,0 +1,147 @@
+"""Wan 2.1 / 2.2 (T2V, I2V, and the two-expert A14B MoE) on diffusers' own Wan classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..dvg.planner import CostModel, Grid
+from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
+
+# The context-parallel layout diffusers itself declares for WanTransformer3DModel (``_cp_plan``): rotary
+# cos/sin split after ``rope``, hidden states split before the first block, the 2-D timestep of Wan 2.2
+# TI2V split with them, ``proj_out`` gathered so every rank unpatchifies the whole output. Text tokens
+# only enter cross-attention, which stays local.
+WAN_SEQUENCE_PLAN = SequencePlan(
+    split_inputs={"rope": {"0": 1, "1": 1}, "blocks.0": {"hidden_states": 1, "temb": 1}},
+    replicated_inputs={"blocks.0": ("encoder_hidden_states",)},
+    gather_outputs={"proj_out": 1},
+)
+
+
+class WanAdapter(Adapter):
+    """``WanPipeline`` / ``WanImageToVideoPipeline``; ``transformer_2`` + ``boundary_ratio`` for Wan 2.2 A14B."""
+
+    family = "wan"
+    pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
+    i2v_pipeline_classes = ("WanImageToVideoPipeline",)
+    sequence_plan = WAN_SEQUENCE_PLAN
+    max_sequence_length = 512
+
+    def __init__(self, pipe: Any) -> None:
+        super().__init__(pipe)
+        if getattr(pipe.config, "expand_timesteps", False):
+            raise InputError("Wan 2.2 TI2V (expand_timesteps) checkpoints are not supported yet")
+        ratio = getattr(pipe.config, "boundary_ratio", None)
+        self.boundary_timestep = None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
+        if self.boundary_timestep is not None and getattr(pipe, "transformer_2", None) is None:
+            raise InputError("the checkpoint sets boundary_ratio but has no transformer_2")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.boundary_timestep is not None
+
+    @staticmethod
+    def spec_from_configs(transformer: dict[str, Any], vae: dict[str, Any]) -> FamilySpec:
+        """Geometry from the transformer's and VAE's configs (as loaded, or as read from their JSON files)."""
+        return FamilySpec(
+            latent_channels=int(vae["z_dim"]),
+            patch=tuple(int(p) for p in transformer["patch_size"]),  # type: ignore[arg-type]
+            vae_scale=(
+                int(vae.get("scale_factor_temporal", 4)),
+                int(vae.get("scale_factor_spatial", 8)),
+                int(vae.get("scale_factor_spatial", 8)),
+            ),
+        )
+
+    @staticmethod
+    def cost_model_from_config(transformer: dict[str, Any]) -> CostModel:
+        hidden = int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"])
+        patch = tuple(int(p) for p in transformer["patch_size"])
+        # Cross-attention reads the umT5 prompt, padded to 512 tokens by WanPipeline.
+        return CostModel.from_arch(hidden, int(transformer["ffn_dim"]), 512, patch)  # type: ignore[arg-type]
+
+    @property
+    def spec(self) -> FamilySpec:
+        return self.spec_from_configs(dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
+
+    def encode(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None,
+        guidance_scale: float,
+        image: Any | None,
+        grid: Grid,
+    ) -> Conditioning:
+        pipe = self.pipe
+        do_cfg = guidance_scale > 1.0
+        if image is not None and not self.is_i2v:
+            raise InputError("--image needs an image-to-video checkpoint; this one is text-to-video (WanPipeline)")
+        if image is None and self.is_i2v:
+            raise InputError("this is an image-to-video checkpoint (WanImageToVideoPipeline): pass --image")
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt(
+                prompt=prompts,
+                negative_prompt=negative_prompts,
+                do_classifier_free_guidance=do_cfg,
+                max_sequence_length=self.max_sequence_length,
+                device=self.device,
+            )
+        dtype = self.transformer_dtype
+        cond_kwargs: dict[str, Any] = {"encoder_hidden_states": cond.to(dtype)}
+        uncond_kwargs: dict[str, Any] | None = {"encoder_hidden_states": uncond.to(dtype)} if do_cfg else None
+        latent_condition = None
+        if self.is_i2v:
+            latent_condition, image_embeds = self._image_condition(image, len(prompts), grid)
+            if image_embeds is not None:
+                cond_kwargs["encoder_hidden_states_image"] = image_embeds
+                if uncond_kwargs is not None:
+                    uncond_kwargs["encoder_hidden_states_image"] = image_embeds
+        return Conditioning(cond_kwargs, uncond_kwargs, latent_condition)
+
+    def _image_condition(self, image: Any, batch: int, grid: Grid) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pipeline's own image conditioning: mask + VAE latent of the first frame (full size), and the
+        CLIP image embedding where the transformer takes one (Wan 2.1 I2V)."""
+        pipe = self.pipe
+        st, sh, sw = self.spec.vae_scale
+        height, width, frames = grid.h * sh, grid.w * sw, (grid.t - 1) * st + 1
+        image_embeds = None
+        with torch.no_grad():
+            if pipe.transformer.config.image_dim is not None:
+                image_embeds = pipe.encode_image(image, self.device).repeat(batch, 1, 1).to(self.transformer_dtype)
+            pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(self.device, torch.float32)
+            placeholder = torch.zeros(batch, self.spec.latent_channels, grid.t, grid.h, grid.w, device=self.device)
+            _, condition = pipe.prepare_latents(
+                pixels, batch, self.spec.latent_channels, height, width, frames, torch.float32, self.device,
+                None, placeholder,
+            )  # fmt: skip
+        return condition, image_embeds
+
+    def transformer_for(self, timestep: float) -> tuple[torch.nn.Module, str]:
+        # Wan 2.2 A14B: the high-noise expert at t ≥ boundary, decided on the current stage's schedule.
+        if self.boundary_timestep is None or timestep >= self.boundary_timestep:
+            return self.pipe.transformer, "transformer"
+        return self.pipe.transformer_2, "transformer_2"
+
+    def guidance_for(self, timestep: float, guidance_scale: float, guidance_scale_2: float | None) -> float:
+        if self.boundary_timestep is not None and timestep < self.boundary_timestep and guidance_scale_2 is not None:
+            return guidance_scale_2
+        return guidance_scale
+
+    def timestep_tensor(self, timestep: float, batch: int) -> torch.Tensor:
+        # WanPipeline passes the scheduler's timestep expanded over the batch: UniPC's are int64, Euler's float.
+        unipc = type(self.scheduler).__name__ == "UniPCMultistepScheduler"
+        return torch.full((batch,), timestep, device=self.device, dtype=torch.int64 if unipc else torch.float32)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        pipe = self.pipe
+        vae = pipe.vae
+        z = latents.to(vae.device, vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
+        with torch.no_grad():
+            video = vae.decode(z / inv_std + mean, return_dict=False)[0]
+        frames = pipe.video_processor.postprocess_video(video, output_type="np")
+        return (np.clip(np.asarray(frames), 0.0, 1.0) * 255.0).round().astype(np.uint8)

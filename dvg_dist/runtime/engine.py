@@ -1,0 +1,285 @@
+"""The staged engine: encode → DVG's staged sampler with the adapter's transformer as velocity → decode.
+
+Single process here; nothing assumes one: the velocity is one adapter forward (the sequence-parallel
+issue shards inside it), and the sketch decision comes through the sampler's ``decide`` seam.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import DTYPES, Config
+from ..dvg.options import Mode
+from ..dvg.planner import COST_PRESETS, CostModel, Grid, Planner
+from ..dvg.sampler import DecideFn, PlanRecord, SamplerConfig, StageContext, sample
+from ..models import ADAPTERS, Adapter, InputError, adapter_class, read_model_index
+from .solver import DiffusersSolver, scheduler_shift, sigma_range
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One video to make."""
+
+    prompt: str
+    seed: int = 0
+    negative_prompt: str | None = None
+    image: str | None = None
+    """Path of the first frame (I2V checkpoints only)."""
+    name: str | None = None
+
+
+@dataclass
+class StepTrace:
+    """One model call as the engine ran it (tests and logs read this)."""
+
+    step: int
+    stage: int
+    timestep: float
+    expert: str
+    grid: tuple[int, int, int]
+    guidance: float
+
+
+@dataclass
+class Result:
+    requests: list[Request]
+    latent: torch.Tensor
+    frames: np.ndarray | None
+    """uint8 ``[B, F, H, W, 3]``; None when decoding was skipped."""
+    record: PlanRecord
+    timings: dict[str, float]
+    trace: list[StepTrace] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name} requested but CUDA is not available here")
+    return device
+
+
+def cost_model(config: Config, cls: type[Adapter], transformer_config: dict[str, Any]) -> CostModel:
+    """The configured preset, or (``auto``) the one the checkpoint's transformer config implies."""
+    name = config.model.cost_model
+    return cls.cost_model_from_config(transformer_config) if name == "auto" else COST_PRESETS[name]
+
+
+def full_grid(config: Config, adapter_cls: type[Adapter], model_path: str) -> Grid:
+    """The full latent for the config's size and frame count, from the checkpoint's own geometry."""
+    width, height = config.sampling.pixel_size()
+    return adapter_cls.read_spec(model_path).latent_grid(width, height, config.sampling.frame_num)
+
+
+def validate(config: Config, requests: list[Request]) -> Grid:
+    """Every check that needs no weights: checkpoint directory, size, frame count, budget feasibility, image
+    arguments. Raises a one-line error; returns the full latent grid."""
+    path = config.model.path
+    if not path:
+        raise InputError("no model: set model.path in the config or pass --model")
+    cls = adapter_class(path)
+    grid = full_grid(config, cls, path)
+    spec = cls.read_spec(path)
+    s = config.sampling
+    if s.mode != Mode.FULL:
+        cost = cost_model(config, cls, cls.read_json_configs(path)[0])
+        planner = Planner(grid, s.steps, s.budget, config.dvg, spec.spatial_multiple, cost)
+        if s.mode == Mode.FIXED:
+            if config.dvg.fixed is None:
+                raise InputError("mode fixed needs --fixed s,r (or dvg.fixed in the config)")
+        else:
+            planner.feasible(Mode.DVG if s.mode in (Mode.TRILINEAR, Mode.RANDOM_RENOISE) else s.mode)
+    i2v = read_model_index(path)["_class_name"] in cls.i2v_pipeline_classes
+    for r in requests:
+        if r.image is not None and not i2v:
+            raise InputError(f"--image given but {path} is a text-to-video checkpoint")
+        if r.image is None and i2v:
+            raise InputError(f"{path} is an image-to-video checkpoint: pass --image")
+        if r.image is not None and not Path(r.image).is_file():
+            raise InputError(f"image not found: {r.image}")
+    return grid
+
+
+def load_pipeline(path: str, dtype: torch.dtype, device: torch.device) -> Any:
+    """The user's checkpoint through diffusers' own ``from_pretrained`` (safetensors only)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class Engine:
+    """Holds a loaded pipeline and its adapter; ``generate`` runs one batch of requests."""
+
+    def __init__(self, config: Config, pipe: Any | None = None) -> None:
+        self.config = config
+        path = config.model.path
+        if pipe is None:
+            if not path:
+                raise InputError("no model: set model.path in the config or pass --model")
+            cls = adapter_class(path)
+            pipe = load_pipeline(path, DTYPES[config.model.dtype], resolve_device(config.model.device))
+        else:
+            cls = ADAPTERS.get(type(pipe).__name__)  # type: ignore[assignment]
+            if cls is None:
+                raise InputError(f"no adapter for {type(pipe).__name__}")
+        self.adapter = cls(pipe)
+        spec = self.adapter.spec
+        self.spec = spec
+
+    def sampler_config(self, grid: Grid) -> SamplerConfig:
+        s, m = self.config.sampling, self.config.model
+        sched = self.adapter.scheduler
+        sigma_max, sigma_min = sigma_range(sched)
+        return SamplerConfig(
+            full=grid,
+            num_steps=s.steps,
+            shift=m.shift if m.shift is not None else scheduler_shift(sched),
+            budget=s.budget,
+            mode=s.mode,
+            options=self.config.dvg,
+            spatial_multiple=self.spec.spatial_multiple,
+            sigma_max=sigma_max,
+            sigma_min=sigma_min,
+            cost_model=cost_model(self.config, type(self.adapter), dict(self.adapter.pipe.transformer.config)),
+        )
+
+    def generate(
+        self,
+        requests: list[Request],
+        *,
+        decode: bool = True,
+        decide: DecideFn | None = None,
+        progress: bool = True,
+    ) -> Result:
+        """One batch: the requests share size, steps and plan (demands pooled over the batch)."""
+        if not requests:
+            raise InputError("no prompts given")
+        s = self.config.sampling
+        width, height = s.pixel_size()
+        grid = self.spec.latent_grid(width, height, s.frame_num)
+        cfg = self.sampler_config(grid)
+        adapter = self.adapter
+        timings: dict[str, float] = {}
+        t_total = time.perf_counter()
+
+        image = _load_image(requests[0].image) if requests[0].image else None
+        negatives = [r.negative_prompt if r.negative_prompt is not None else s.negative_prompt for r in requests]
+        t0 = time.perf_counter()
+        conditioning = adapter.encode([r.prompt for r in requests], negatives, s.guidance_scale, image, grid)
+        timings["encode"] = time.perf_counter() - t0
+
+        trace: list[StepTrace] = []
+        bars = _StageBars(cfg, enabled=progress)
+
+        def velocity(x: torch.Tensor, timestep: float, ctx: StageContext) -> torch.Tensor:
+            module, expert = adapter.transformer_for(timestep)
+            g = adapter.guidance_for(timestep, s.guidance_scale, s.guidance_scale_2)
+            x_in = adapter.model_input(x, ctx, conditioning, grid)
+            t = adapter.timestep_tensor(timestep, x.shape[0])
+            with torch.no_grad():
+                v = adapter.forward(module, x_in, t, conditioning.cond)
+                if conditioning.uncond is not None:
+                    v_uncond = adapter.forward(module, x_in, t, conditioning.uncond)
+                    v = v_uncond + g * (v - v_uncond)
+            trace.append(StepTrace(ctx.step, ctx.stage, timestep, expert, (ctx.grid.t, ctx.grid.h, ctx.grid.w), g))
+            bars.update(ctx)
+            return v.to(x.dtype)
+
+        solver = DiffusersSolver(adapter.scheduler, s.steps)
+        t0 = time.perf_counter()
+        try:
+            latent, record = sample(
+                velocity, cfg, [r.seed for r in requests], self.spec.latent_channels,
+                decide=decide, step_rule=solver, dtype=torch.float32, device=adapter.device,
+            )  # fmt: skip
+        finally:
+            bars.close()
+        timings["denoise"] = time.perf_counter() - t0
+        for key, value in record.timings.items():
+            timings[key] = value
+
+        frames = None
+        if decode:
+            t0 = time.perf_counter()
+            frames = adapter.decode(latent)
+            timings["decode"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_total
+        return Result(requests, latent, frames, record, timings, trace)
+
+
+class _StageBars:
+    """One tqdm bar per stage, sized by the model calls that stage runs."""
+
+    def __init__(self, cfg: SamplerConfig, enabled: bool) -> None:
+        self.enabled = enabled
+        self.counts = [cfg.num_steps] if cfg.mode == Mode.FULL else cfg.planner().executed_counts
+        self.stage = -1
+        self.bar: Any = None
+
+    def update(self, ctx: StageContext) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if ctx.stage != self.stage:
+            self.close()
+            self.stage = ctx.stage
+            label = f"stage {ctx.stage + 1}/{len(self.counts)} {ctx.grid}"
+            self.bar = tqdm(total=self.counts[ctx.stage], desc=label, unit="step", leave=True)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _load_image(path: str) -> Any:
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")
+
+
+def sidecar(result: Result, index: int, config: Config, files: dict[str, str], world_size: int = 1) -> dict[str, Any]:
+    """The JSON written next to each video."""
+    req = result.requests[index]
+    plan = result.record.to_dict()
+    for k, stage in enumerate(plan["stages"]):
+        stage["time_s"] = result.timings.get(f"stage{k + 1}")
+    demands = plan.get("demands")
+    s = config.sampling
+    experts: dict[str, int] = {}
+    for t in result.trace:
+        experts[t.expert] = experts.get(t.expert, 0) + 1
+    return {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt if req.negative_prompt is not None else s.negative_prompt,
+        "seed": req.seed,
+        "image": req.image,
+        "model": config.model.path,
+        "mode": s.mode.value,
+        "budget": s.budget,
+        "steps": s.steps,
+        "size": s.size,
+        "frame_num": s.frame_num,
+        "guidance_scale": s.guidance_scale,
+        "plan": plan,
+        "demands": None if demands is None else {"spatial": demands["spatial"], "temporal": demands["temporal"]},
+        "weights": None if demands is None else {"w_s": demands["w_s"], "w_t": demands["w_t"]},
+        "experts": experts,
+        "parallel": {"world_size": world_size},
+        "timings": result.timings,
+        "files": files,
+    }

@@ -1,0 +1,53 @@
+"""Write a tiny random-weight diffusers checkpoint of one family (tests and demos; see dvg_dist/models/tiny.py).
+
+    python launch/make_tiny_checkpoint.py --family wan --out /tmp/tiny-wan
+    python launch/make_tiny_checkpoint.py --family hunyuan --out /tmp/tiny-hv --seed 1 --overwrite
+
+Prints the directory written. It loads with ``DiffusionPipeline.from_pretrained(DIR)``; its ``dvg_tiny.json``
+says what a call must pass (HunyuanVideo's ``prompt_template``). Bad flags, an unknown family or an existing
+non-empty ``--out`` without ``--overwrite`` exit 2 with one ``make_tiny_checkpoint.py: error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+from dvg_dist.models.tiny import FAMILIES, build_tiny_checkpoint
+
+PROG = "make_tiny_checkpoint.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, ``make_tiny_checkpoint.py: error: …``, exit 2 (argparse's code), no usage block."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags; its ``error`` prints one line and exits 2."""
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--family", required=True, choices=FAMILIES, help="which pipeline family")
+    p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives identical files")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, build, print the directory."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally (diffusers is imported lazily)
+    try:
+        out = build_tiny_checkpoint(args.family, args.out, seed=args.seed, overwrite=args.overwrite)
+    except ValueError as err:
+        parser.error(str(err))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

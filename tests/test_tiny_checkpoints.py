@@ -1,0 +1,176 @@
+"""Tiny random-weight checkpoints (``dvg_dist.models.tiny``) are real diffusers pipelines.
+
+Each family is built once per session (``conftest_tiny``), loaded back through ``DiffusionPipeline.from_pretrained``
+offline, and run for a few steps with guidance on: the latent has the expected shape, is finite, and depends on
+the prompt (so the text path is real, not padded away). Same seed → byte-identical safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from dvg_dist.models.tiny import FAMILIES, TINY_META_FILE, build_tiny_checkpoint, read_tiny_meta
+
+pytest_plugins = ["conftest_tiny"]
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "launch" / "make_tiny_checkpoint.py"
+
+EXPECTED = {
+    "wan": ("WanPipeline", "UniPCMultistepScheduler"),
+    "wan-moe": ("WanPipeline", "UniPCMultistepScheduler"),
+    "wan-i2v": ("WanImageToVideoPipeline", "UniPCMultistepScheduler"),
+    "hunyuan": ("HunyuanVideoPipeline", "FlowMatchEulerDiscreteScheduler"),
+    "hunyuan15": ("HunyuanVideo15Pipeline", "FlowMatchEulerDiscreteScheduler"),
+    "hunyuan15-i2v": ("HunyuanVideo15ImageToVideoPipeline", "FlowMatchEulerDiscreteScheduler"),
+}
+# 17 frames × 64×64 pixels: VAE 4×8×8 (Wan, HunyuanVideo) or 4×16×16 (HV-1.5), 16 latent channels.
+LATENT = {f: (1, 16, 5, 4, 4) if f.startswith("hunyuan15") else (1, 16, 5, 8, 8) for f in FAMILIES}
+
+
+def load(path: Path) -> Any:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipe(pipe: Any, family: str, meta: dict[str, Any], prompt: str) -> torch.Tensor:
+    """Three steps, ``output_type="latent"``, fixed latents, guidance on (real CFG for every family)."""
+    latents = torch.randn(LATENT[family], generator=torch.Generator().manual_seed(0))
+    kw: dict[str, Any] = dict(num_frames=17, num_inference_steps=3, output_type="latent", latents=latents)
+    if family != "hunyuan15-i2v":  # HV-1.5 I2V takes its size from the image
+        kw.update(height=64, width=64)
+    if family.startswith("wan"):
+        kw.update(guidance_scale=5.0, negative_prompt="blurry, static")
+        if family == "wan-moe":
+            kw.update(guidance_scale_2=3.0)
+    elif family == "hunyuan":
+        kw.update(true_cfg_scale=4.0, negative_prompt="blurry, static", prompt_template=meta["prompt_template"])
+    if family.endswith("i2v"):
+        kw.update(image=Image.new("RGB", (64, 64), (200, 40, 90)))
+    return pipe(prompt=prompt, **kw).frames
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loads_offline_as_the_real_pipeline_and_scheduler(family: str, tiny_checkpoint: Callable[[str], Path]) -> None:
+    path = tiny_checkpoint(family)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    pipe = load(path)
+    assert (type(pipe).__name__, type(pipe.scheduler).__name__) == EXPECTED[family]
+    meta = read_tiny_meta(path)
+    assert meta["family"] == family and meta["seed"] == 0
+    if family.startswith("wan"):
+        cfg = pipe.scheduler.config
+        assert (cfg.prediction_type, cfg.use_flow_sigmas, cfg.flow_shift) == ("flow_prediction", True, 3.0)
+        assert pipe.transformer.config.patch_size in ([1, 2, 2], (1, 2, 2))
+        assert pipe.transformer.config.text_dim == pipe.text_encoder.config.d_model
+    if family == "wan-moe":
+        assert pipe.config.boundary_ratio == 0.875 and pipe.transformer_2 is not None
+        a, b = pipe.transformer.state_dict(), pipe.transformer_2.state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a), "the two Wan 2.2 experts have identical weights"
+    if family == "wan-i2v":
+        assert pipe.transformer.config.in_channels == 36
+        assert pipe.transformer.config.image_dim == pipe.image_encoder.config.hidden_size
+    if family == "hunyuan":
+        assert set(meta["prompt_template"]) == {"template", "crop_start"}
+    if family.startswith("hunyuan15"):
+        assert pipe.guider.guidance_scale > 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runs_with_guidance_and_the_prompt_matters(family: str, tiny_checkpoint: Callable[[str], Path]) -> None:
+    path = tiny_checkpoint(family)
+    pipe, meta = load(path), read_tiny_meta(path)
+    a = run_pipe(pipe, family, meta, "a red fox jumps over a fence")
+    b = run_pipe(pipe, family, meta, "a calm blue lake at night")
+    assert tuple(a.shape) == LATENT[family], f"latent shape {tuple(a.shape)}, expected {LATENT[family]}"
+    assert torch.isfinite(a).all() and torch.isfinite(b).all(), "non-finite latents"
+    diff = float((a - b).abs().max())
+    assert diff > 1e-5, f"two different prompts give latents within {diff:.2e}: the text path has no effect"
+    again = run_pipe(pipe, family, meta, "a red fox jumps over a fence")
+    assert torch.equal(a, again), "the same call twice differs"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_seed_gives_byte_identical_safetensors(
+    family: str, tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    first = tiny_checkpoint(family)
+    second = build_tiny_checkpoint(family, tmp_path / "again", seed=0)
+    files = sorted(p.relative_to(first) for p in first.rglob("*.safetensors"))
+    assert Path("transformer/diffusion_pytorch_model.safetensors") in files
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*.safetensors"))
+    for rel in files:
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), f"{rel} differs between two seed-0 builds"
+
+
+def test_another_seed_gives_other_weights(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    rel = "transformer/diffusion_pytorch_model.safetensors"
+    other = build_tiny_checkpoint("wan", tmp_path / "seed1", seed=1)
+    assert (tiny_checkpoint("wan") / rel).read_bytes() != (other / rel).read_bytes()
+
+
+def test_refuses_unknown_family_and_non_empty_out(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown tiny family"):
+        build_tiny_checkpoint("sdxl", tmp_path / "x")
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        build_tiny_checkpoint("wan", out)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert build_tiny_checkpoint("wan", out, overwrite=True) == out
+    assert not (out / "keep.txt").exists() and (out / TINY_META_FILE).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"], "temporary build directories left behind"
+
+
+def test_cli_writes_a_checkpoint(tmp_path: Path) -> None:
+    """One real subprocess: what a user runs (exit code, stdout is the directory, loads offline)."""
+    out = tmp_path / "wan"
+    cmd = [sys.executable, str(SCRIPT), "--family", "wan", "--out", str(out), "--seed", "3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == str(out)
+    meta = read_tiny_meta(out)
+    assert (meta["family"], meta["seed"]) == ("wan", 3)
+    assert type(load(out)).__name__ == "WanPipeline"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--family", "sdxl"], "argument --family: invalid choice"),
+        (["--family", "wan", "--seed", "x"], "argument --seed: invalid int value"),
+        (["--family", "wan", "--busy"], "not empty"),
+    ],
+)
+def test_cli_bad_flags_exit_2_with_one_line(
+    args: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint_cli", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "out"
+    if "--busy" in args:
+        args = [a for a in args if a != "--busy"]
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("make_tiny_checkpoint.py: error: ") and expected in err, err
