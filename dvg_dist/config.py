@@ -94,6 +94,9 @@ class SamplingConfig:
     """Classifier-free guidance; 1 skips the unconditional pass."""
     guidance_scale_2: float | None = None
     """Guidance of the low-noise expert of a two-expert model (Wan 2.2 A14B); None = ``guidance_scale``."""
+    true_cfg_scale: float = 1.0
+    """Real CFG for families whose ``guidance_scale`` is embedded guidance (HunyuanVideo): > 1 adds the
+    negative-prompt pass."""
     negative_prompt: str = ""
 
     def __post_init__(self) -> None:

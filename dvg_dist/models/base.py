@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..config import SamplingConfig
 from ..dvg.planner import CostModel, Grid
 from ..dvg.resize import sample_at
 from ..dvg.sampler import StageContext
@@ -159,11 +160,12 @@ class Adapter(ABC):
         self,
         prompts: list[str],
         negative_prompts: list[str] | None,
-        guidance_scale: float,
+        sampling: SamplingConfig,
         image: Any | None,
         grid: Grid,
     ) -> Conditioning:
-        """Prompt (and image) conditioning with the pipeline's own encode functions."""
+        """Prompt (and image) conditioning with the pipeline's own encode functions. ``sampling`` says which
+        guidance is on (the family decides what its scales mean: CFG, embedded guidance, true CFG)."""
 
     # -- one transformer pass ------------------------------------------------------------------------
 
@@ -171,8 +173,9 @@ class Adapter(ABC):
         """The transformer that runs at ``timestep`` and a name for it (two-expert MoE families override)."""
         return self.pipe.transformer, "transformer"
 
-    def guidance_for(self, timestep: float, guidance_scale: float, guidance_scale_2: float | None) -> float:
-        return guidance_scale
+    def guidance_for(self, timestep: float, sampling: SamplingConfig) -> float:
+        """The scale combining the two passes at ``timestep``: ``v = v_u + g·(v_c - v_u)``."""
+        return sampling.guidance_scale
 
     def model_input(self, x: torch.Tensor, ctx: StageContext, conditioning: Conditioning, full: Grid) -> torch.Tensor:
         """The latent the transformer sees: ``x``, plus I2V condition channels sampled at this stage."""

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import SamplingConfig
 from ..dvg.planner import CostModel, Grid
 from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
 
@@ -71,12 +72,13 @@ class WanAdapter(Adapter):
         self,
         prompts: list[str],
         negative_prompts: list[str] | None,
-        guidance_scale: float,
+        sampling: SamplingConfig,
         image: Any | None,
         grid: Grid,
     ) -> Conditioning:
         pipe = self.pipe
-        do_cfg = guidance_scale > 1.0
+        # As WanPipeline: CFG when guidance_scale > 1 (the low-noise expert's guidance_scale_2 rides along).
+        do_cfg = sampling.guidance_scale > 1.0
         if image is not None and not self.is_i2v:
             raise InputError("--image needs an image-to-video checkpoint; this one is text-to-video (WanPipeline)")
         if image is None and self.is_i2v:
@@ -125,10 +127,11 @@ class WanAdapter(Adapter):
             return self.pipe.transformer, "transformer"
         return self.pipe.transformer_2, "transformer_2"
 
-    def guidance_for(self, timestep: float, guidance_scale: float, guidance_scale_2: float | None) -> float:
-        if self.boundary_timestep is not None and timestep < self.boundary_timestep and guidance_scale_2 is not None:
-            return guidance_scale_2
-        return guidance_scale
+    def guidance_for(self, timestep: float, sampling: SamplingConfig) -> float:
+        low_noise = self.boundary_timestep is not None and timestep < self.boundary_timestep
+        if low_noise and sampling.guidance_scale_2 is not None:
+            return sampling.guidance_scale_2
+        return sampling.guidance_scale
 
     def timestep_tensor(self, timestep: float, batch: int) -> torch.Tensor:
         # WanPipeline passes the scheduler's timestep expanded over the batch: UniPC's are int64, Euler's float.

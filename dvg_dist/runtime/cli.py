@@ -48,6 +48,7 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--steps", "--sample_steps", "--num_inference_steps", type=int, help="denoising steps N")
     _flag(parser, "--guidance_scale", "--sample_guide_scale", type=float, help="CFG scale; 1 disables CFG")
     _flag(parser, "--guidance_scale_2", type=float, help="low-noise expert's CFG scale (Wan 2.2 A14B)")
+    _flag(parser, "--true_cfg_scale", type=float, help="real CFG where guidance_scale is embedded (HunyuanVideo)")
     _flag(parser, "--sample_shift", "--shift", type=float, help="the model's schedule shift (default: checkpoint's)")
     _flag(parser, "--size", help="W x H in pixels, e.g. 1280x720 or 1280*720")
     _flag(parser, "--frame_num", "--num_frames", type=int, help="pixel frames (4k+1 for Wan/Hunyuan)")
@@ -67,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "steps": "sampling.steps",
         "guidance_scale": "sampling.guidance_scale",
         "guidance_scale_2": "sampling.guidance_scale_2",
+        "true_cfg_scale": "sampling.true_cfg_scale",
         "sample_shift": "model.shift",
         "size": "sampling.size",
         "frame_num": "sampling.frame_num",

@@ -177,7 +177,7 @@ class Engine:
         image = _load_image(requests[0].image) if requests[0].image else None
         negatives = [r.negative_prompt if r.negative_prompt is not None else s.negative_prompt for r in requests]
         t0 = time.perf_counter()
-        conditioning = adapter.encode([r.prompt for r in requests], negatives, s.guidance_scale, image, grid)
+        conditioning = adapter.encode([r.prompt for r in requests], negatives, s, image, grid)
         timings["encode"] = time.perf_counter() - t0
 
         trace: list[StepTrace] = []
@@ -185,7 +185,7 @@ class Engine:
 
         def velocity(x: torch.Tensor, timestep: float, ctx: StageContext) -> torch.Tensor:
             module, expert = adapter.transformer_for(timestep)
-            g = adapter.guidance_for(timestep, s.guidance_scale, s.guidance_scale_2)
+            g = adapter.guidance_for(timestep, s)
             x_in = adapter.model_input(x, ctx, conditioning, grid)
             t = adapter.timestep_tensor(timestep, x.shape[0])
             with torch.no_grad():
@@ -275,6 +275,8 @@ def sidecar(result: Result, index: int, config: Config, files: dict[str, str], w
         "size": s.size,
         "frame_num": s.frame_num,
         "guidance_scale": s.guidance_scale,
+        "guidance_scale_2": s.guidance_scale_2,
+        "true_cfg_scale": s.true_cfg_scale,
         "plan": plan,
         "demands": None if demands is None else {"spatial": demands["spatial"], "temporal": demands["temporal"]},
         "weights": None if demands is None else {"w_s": demands["w_s"], "w_t": demands["w_t"]},
