@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """What the sampler needs to know about a backbone (the adapters of the engine issue fill the rest)."""
+    """The checkpoint and how to run it. The geometry fields (``latent_channels``, ``patch``, ``vae_scale``,
+    ``spatial_multiple``) serve planning without a checkpoint; the engine reads the checkpoint's own."""
 
     family: str = "wan"
     """Model family: wan, hunyuanvideo, hunyuanvideo15 (adapters arrive with the engine)."""
@@ -41,11 +42,6 @@ class ModelConfig:
     """Weights and activations: float32, bfloat16 or float16."""
     device: str = "auto"
     """cuda, cpu, cuda:N, or auto (cuda when available)."""
-    sigma_max: float = 1.0
-    """First base sigma before shifting."""
-    sigma_min: float = 0.0
-    """Last non-zero base sigma's limit: base sigmas are ``linspace(sigma_max, sigma_min, N+1)[:-1]`` then 0
-    (HunyuanVideo: 0; Wan's UniPC with flow sigmas: 0.001)."""
     latent_channels: int = 16
     patch: tuple[int, int, int] = (1, 2, 2)
     """Transformer patch (pt, ph, pw)."""
@@ -68,8 +64,6 @@ class ModelConfig:
             raise ConfigError(f"model.shift must be > 0; got {self.shift}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
-        if not 0 <= self.sigma_min < self.sigma_max <= 1:
-            raise ConfigError(f"model needs 0 <= sigma_min < sigma_max <= 1; got {self.sigma_min}, {self.sigma_max}")
         if self.latent_channels < 1 or self.spatial_multiple < 1:
             raise ConfigError("model.latent_channels and model.spatial_multiple must be >= 1")
         if self.cost_model != "auto" and self.cost_model not in COST_PRESETS:

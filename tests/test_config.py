@@ -18,11 +18,11 @@ def test_shipped_configs_load_and_give_legal_latents(path):
 
 
 def test_wan_720p_latent_and_defaults():
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "wan2.1-t2v-14b-720p.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "wan2.1-t2v-14b.yaml")
     assert cfg.latent_grid() == Grid(21, 90, 160)
     assert cfg.sampling.mode is Mode.DVG
     assert cfg.dvg.stage_shifts == (None, 9.0, 11.0, 11.0)
-    assert cfg.model.sigma_min == pytest.approx(0.001)
+    assert cfg.model.shift == 5.0
 
 
 def test_unknown_key_names_its_path():

@@ -194,3 +194,59 @@ def test_unknown_mode_is_an_argparse_error(wan, tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "invalid choice: 'fast'" in err[0]
+
+
+# -- image-to-video ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wan_i2v(tiny_checkpoint) -> tuple[Path, DiffusionPipeline]:
+    path = tiny_checkpoint("wan-i2v")
+    return path, DiffusionPipeline.from_pretrained(path, use_safetensors=True)
+
+
+def _image():
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    rgb = np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).clip(0, 255).astype("uint8")
+    return Image.fromarray(rgb)
+
+
+def test_i2v_full_mode_equals_wan_image_to_video_pipeline(wan_i2v, tmp_path):
+    path, pipe = wan_i2v
+    image_path = tmp_path / "first.png"
+    _image().save(image_path)
+    engine = Engine(_config(path, "sampling.mode=full", "sampling.steps=6"), pipe)
+    ours = engine.generate([Request(PROMPT, seed=7, image=str(image_path))], decode=False, progress=False)
+    ref = _pipeline_latent(pipe, 7, 6, 5.0, image=_image())
+    assert _rel(ours.latent, ref) < 1e-5, f"I2V full mode differs from the pipeline by {_rel(ours.latent, ref):.2e}"
+
+
+def test_i2v_condition_is_sampled_at_every_stage_with_the_image_in_frame_0(wan_i2v, tmp_path):
+    from dvg_dist.dvg import sample_at, stage_coords
+    from dvg_dist.dvg.planner import Grid
+
+    path, pipe = wan_i2v
+    image_path = tmp_path / "first.png"
+    _image().save(image_path)
+    seen: list[torch.Tensor] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["hidden_states"][:, 16:].clone()), with_kwargs=True
+    )
+    try:
+        engine = Engine(_config(path, "sampling.steps=12"), pipe)
+        result = engine.generate([Request(PROMPT, seed=7, image=str(image_path))], decode=False, progress=False)
+    finally:
+        hook.remove()
+    full = Grid(5, 8, 8)
+    conditioning = engine.adapter.encode([PROMPT], [""], engine.config.sampling, _image(), full)
+    grids = [Grid(*g) for g in result.record.chosen["grids"]]
+    coords = stage_coords(grids)
+    assert len(seen) == 2 * 12
+    for k, (trace, cond) in enumerate(zip([t for t in result.trace for _ in (0, 1)], seen)):
+        expected = sample_at(conditioning.latent_condition, coords[trace.stage], full)
+        assert torch.equal(cond, expected.to(cond)), f"call {k} (stage {trace.stage + 1}): condition differs"
+        assert torch.all(cond[:, :4, 0] == 1) and torch.all(cond[:, :4, 1:] == 0), "mask must mark frame 0 only"
+    assert len({g.t for g in grids}) > 1 or len({g.h for g in grids}) > 1, "the plan should change the grid"

@@ -3,16 +3,38 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
+from .hunyuan import HunyuanVideoAdapter
 from .wan import WanAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {name: WanAdapter for name in WanAdapter.pipeline_classes}
+ADAPTERS: dict[str, type[Adapter]] = {
+    **{name: WanAdapter for name in WanAdapter.pipeline_classes},
+    **{name: HunyuanVideoAdapter for name in HunyuanVideoAdapter.pipeline_classes},
+}
 """Pipeline class name → adapter."""
 
-FAMILIES = {"wan": WanAdapter}
+FAMILIES: dict[str, type[Adapter]] = {"wan": WanAdapter, "hunyuanvideo": HunyuanVideoAdapter}
+
+
+def resolve_model_path(path: str) -> Path:
+    """A local directory as is; a hub id (``org/name``) as the local snapshot of its JSON configs, so the
+    checks that need no weights run before any weight is fetched (``from_pretrained`` gets the rest)."""
+    local = Path(path)
+    if local.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=["*.json"]))
+    except Exception as e:  # offline, unknown repo, gated: all one line for the user
+        raise InputError(
+            f"model {path} is neither a local directory nor reachable on the hub ({type(e).__name__}); "
+            "download it and pass the directory"
+        ) from None
 
 
 def read_model_index(path: str | Path) -> dict[str, Any]:
@@ -43,9 +65,11 @@ __all__ = [
     "Adapter",
     "Conditioning",
     "FamilySpec",
+    "HunyuanVideoAdapter",
     "InputError",
     "SequencePlan",
     "WanAdapter",
     "adapter_class",
     "read_model_index",
+    "resolve_model_path",
 ]

@@ -19,7 +19,7 @@ from ..config import DTYPES, Config
 from ..dvg.options import Mode
 from ..dvg.planner import COST_PRESETS, CostModel, Grid, Planner
 from ..dvg.sampler import DecideFn, PlanRecord, SamplerConfig, StageContext, sample
-from ..models import ADAPTERS, Adapter, InputError, adapter_class, read_model_index
+from ..models import ADAPTERS, Adapter, InputError, adapter_class, read_model_index, resolve_model_path
 from .solver import DiffusersSolver, scheduler_shift, sigma_range
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def cost_model(config: Config, cls: type[Adapter], transformer_config: dict[str,
     return cls.cost_model_from_config(transformer_config) if name == "auto" else COST_PRESETS[name]
 
 
-def full_grid(config: Config, adapter_cls: type[Adapter], model_path: str) -> Grid:
+def full_grid(config: Config, adapter_cls: type[Adapter], model_path: str | Path) -> Grid:
     """The full latent for the config's size and frame count, from the checkpoint's own geometry."""
     width, height = config.sampling.pixel_size()
     return adapter_cls.read_spec(model_path).latent_grid(width, height, config.sampling.frame_num)
@@ -84,9 +84,9 @@ def full_grid(config: Config, adapter_cls: type[Adapter], model_path: str) -> Gr
 def validate(config: Config, requests: list[Request]) -> Grid:
     """Every check that needs no weights: checkpoint directory, size, frame count, budget feasibility, image
     arguments. Raises a one-line error; returns the full latent grid."""
-    path = config.model.path
-    if not path:
+    if not config.model.path:
         raise InputError("no model: set model.path in the config or pass --model")
+    path = resolve_model_path(config.model.path)
     cls = adapter_class(path)
     grid = full_grid(config, cls, path)
     spec = cls.read_spec(path)
@@ -128,7 +128,7 @@ class Engine:
         if pipe is None:
             if not path:
                 raise InputError("no model: set model.path in the config or pass --model")
-            cls = adapter_class(path)
+            cls = adapter_class(resolve_model_path(path))
             pipe = load_pipeline(path, DTYPES[config.model.dtype], resolve_device(config.model.device))
         else:
             cls = ADAPTERS.get(type(pipe).__name__)  # type: ignore[assignment]
