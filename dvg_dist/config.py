@@ -42,6 +42,8 @@ class ModelConfig:
     """Weights and activations: float32, bfloat16 or float16."""
     device: str = "auto"
     """cuda, cpu, cuda:N, or auto (cuda when available)."""
+    vae_tiling: bool = True
+    """Decode with the VAE's tiled decoder where diffusers offers one (bounded memory at 720p)."""
     latent_channels: int = 16
     patch: tuple[int, int, int] = (1, 2, 2)
     """Transformer patch (pt, ph, pw)."""

@@ -135,6 +135,8 @@ class Engine:
             if cls is None:
                 raise InputError(f"no adapter for {type(pipe).__name__}")
         self.adapter = cls(pipe)
+        if config.model.vae_tiling and self.adapter.enable_vae_tiling():
+            logger.debug("VAE tiled decoding on")
         spec = self.adapter.spec
         self.spec = spec
 
