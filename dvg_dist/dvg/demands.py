@@ -82,17 +82,21 @@ def _lk_solve(gx: torch.Tensor, gy: torch.Tensor, d: torch.Tensor) -> torch.Tens
     return torch.stack([ux, uy], dim=-1)
 
 
-def lucas_kanade(x0: torch.Tensor) -> torch.Tensor:
-    """Global motion per adjacent frame pair, ``[B, T-1, 2]`` as (x, y) in latent pixels per frame."""
+def _frame_pairs(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Standardised frames ``f_t`` and ``f_{t+1}`` of every adjacent pair, each ``[B·(T-1), H, W]``, with B, T."""
     _check(x0)
     f = _frames(x0)
     b, t, h, w = f.shape
+    return f[:, :-1].reshape(-1, h, w), f[:, 1:].reshape(-1, h, w), b, t
+
+
+def lucas_kanade(x0: torch.Tensor) -> torch.Tensor:
+    """Global motion per adjacent frame pair, ``[B, T-1, 2]`` as (x, y) in latent pixels per frame."""
+    prev, nxt, b, t = _frame_pairs(x0)
     if t < 2:
-        return f.new_zeros(b, 0, 2)
-    prev = f[:, :-1].reshape(-1, h, w)
+        return prev.new_zeros(b, 0, 2)
     gx, gy = _gradients(prev)
-    d = (f[:, 1:] - f[:, :-1]).reshape(-1, h, w)
-    return _lk_solve(gx, gy, d).reshape(b, t - 1, 2)
+    return _lk_solve(gx, gy, nxt - prev).reshape(b, t - 1, 2)
 
 
 def _shift(frames: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -121,13 +125,9 @@ def _downsample(frames: torch.Tensor) -> torch.Tensor:
 def pyramid_lucas_kanade(x0: torch.Tensor, levels: int = 3) -> torch.Tensor:
     """Coarse-to-fine global LK with warping, ``[B, T-1, 2]``: sees motion of several latent px/frame,
     where the single-level estimate saturates."""
-    _check(x0)
-    f = _frames(x0)
-    b, t, h, w = f.shape
+    prev, nxt, b, t = _frame_pairs(x0)
     if t < 2:
-        return f.new_zeros(b, 0, 2)
-    prev = f[:, :-1].reshape(-1, h, w)
-    nxt = f[:, 1:].reshape(-1, h, w)
+        return prev.new_zeros(b, 0, 2)
     pyramid = [(prev, nxt)]
     for _ in range(levels - 1):
         p, q = pyramid[-1]
