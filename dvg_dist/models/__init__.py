@@ -9,15 +9,21 @@ from typing import Any
 
 from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
 from .hunyuan import HunyuanVideoAdapter
+from .hunyuan15 import HunyuanVideo15Adapter
 from .wan import WanAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     **{name: WanAdapter for name in WanAdapter.pipeline_classes},
     **{name: HunyuanVideoAdapter for name in HunyuanVideoAdapter.pipeline_classes},
+    **{name: HunyuanVideo15Adapter for name in HunyuanVideo15Adapter.pipeline_classes},
 }
 """Pipeline class name → adapter."""
 
-FAMILIES: dict[str, type[Adapter]] = {"wan": WanAdapter, "hunyuanvideo": HunyuanVideoAdapter}
+FAMILIES: dict[str, type[Adapter]] = {
+    "wan": WanAdapter,
+    "hunyuanvideo": HunyuanVideoAdapter,
+    "hunyuanvideo15": HunyuanVideo15Adapter,
+}
 
 
 def resolve_model_path(path: str) -> Path:
@@ -65,6 +71,7 @@ __all__ = [
     "Adapter",
     "Conditioning",
     "FamilySpec",
+    "HunyuanVideo15Adapter",
     "HunyuanVideoAdapter",
     "InputError",
     "SequencePlan",

@@ -105,8 +105,9 @@ class HunyuanVideoAdapter(Adapter):
         HunyuanVideo has joint attention, not cross-attention: the 256 text tokens are appended to the video
         tokens, so each video token's attention scores reach ``L + 256`` keys — the same ``4d·L_text`` linear
         term ``CostModel.from_arch`` counts for cross-attention, plus the quadratic ``4d·L²``. ``from_arch``
-        also counts cross-attention q/o projections (4d² per token), which joint attention does not have; the
-        text stream's own projections and FFN are constant in L and cancel in a density anyway.
+        also counts cross-attention q/o projections (4d² per token), which joint attention does not have, and
+        the text stream's own projections and FFN, constant in L, are left out (``CostModel`` has no constant
+        term): both slightly shift the FLOP density, never the plan's token density.
         """
         hidden = int(transformer.get("num_attention_heads", 24)) * int(transformer.get("attention_head_dim", 128))
         ffn = int(float(transformer.get("mlp_ratio", 4.0)) * hidden)
@@ -130,7 +131,9 @@ class HunyuanVideoAdapter(Adapter):
         cast to the transformer's dtype; the embedded guidance ``guidance_scale × 1000`` in both passes; the
         negative prompt's encoding as the unconditional pass when ``true_cfg_scale > 1``."""
         if image is not None:
-            raise InputError("--image needs an image-to-video checkpoint; this one is text-to-video (HunyuanVideoPipeline)")
+            raise InputError(
+                "--image needs an image-to-video checkpoint; this one is text-to-video (HunyuanVideoPipeline)"
+            )
         # As the pipeline: true CFG iff true_cfg_scale > 1 and a negative prompt is given ("" counts).
         do_true_cfg = sampling.true_cfg_scale > 1.0 and negative_prompts is not None
         cond = self._encode(prompts)

@@ -76,7 +76,7 @@ class HunyuanVideo15Adapter(Adapter):
             # The step-distilled checkpoints take ``timestep_r`` = the *next* timestep of the schedule, which
             # the staged sampler's velocity call does not see (and which changes at every stage switch).
             raise InputError("HunyuanVideo-1.5 meanflow (step-distilled) checkpoints are not supported yet")
-        guider = getattr(pipe, "guider", None)
+        guider: Any = getattr(pipe, "guider", None)
         if type(guider).__name__ != "ClassifierFreeGuidance":
             raise InputError(f"HunyuanVideo-1.5: expected a ClassifierFreeGuidance guider; got {type(guider).__name__}")
         cfg = guider.config
@@ -141,9 +141,11 @@ class HunyuanVideo15Adapter(Adapter):
         with torch.no_grad():
             cond = self._prompt_kwargs(prompts, batch)
             uncond = self._prompt_kwargs(negative_prompts, batch) if do_cfg else None
-            st, sh, sw = self.spec.vae_scale
+            _, sh, sw = self.spec.vae_scale
             height, width = grid.h * sh, grid.w * sw
-            placeholder = torch.zeros(batch, self.spec.latent_channels, grid.t, grid.h, grid.w, dtype=dtype, device=device)
+            placeholder = torch.zeros(
+                batch, self.spec.latent_channels, grid.t, grid.h, grid.w, dtype=dtype, device=device
+            )
             if self.is_i2v:
                 image = self._resize_image(image, height, width)
                 image_embeds = pipe.encode_image(image=image, batch_size=batch, device=device, dtype=dtype)
