@@ -250,3 +250,17 @@ def test_i2v_condition_is_sampled_at_every_stage_with_the_image_in_frame_0(wan_i
         assert torch.equal(cond, expected.to(cond)), f"call {k} (stage {trace.stage + 1}): condition differs"
         assert torch.all(cond[:, :4, 0] == 1) and torch.all(cond[:, :4, 1:] == 0), "mask must mark frame 0 only"
     assert len({g.t for g in grids}) > 1 or len({g.h for g in grids}) > 1, "the plan should change the grid"
+
+
+def test_decode_equals_the_pipelines_own_np_output(wan):
+    path, pipe = wan
+    engine = Engine(_config(path, "sampling.mode=full", "sampling.steps=4"), pipe)
+    ours = engine.generate([Request(PROMPT, seed=3)], decode=True, progress=False).frames
+    latents = hash_noise(3, 16, torch.arange(5), torch.arange(8), torch.arange(8))
+    ref = pipe(
+        prompt=PROMPT, negative_prompt="", latents=latents, num_inference_steps=4, guidance_scale=5.0,
+        height=64, width=64, num_frames=17, output_type="np",
+    ).frames  # fmt: skip
+    expected = (ref.clip(0, 1) * 255).round().astype("uint8")
+    assert ours.shape == expected.shape == (1, 17, 64, 64, 3)
+    assert int(abs(ours.astype(int) - expected.astype(int)).max()) == 0, "decoded frames differ from WanPipeline's"

@@ -138,8 +138,9 @@ class Adapter(ABC):
     # -- declared geometry ---------------------------------------------------------------------------
 
     @property
-    @abstractmethod
-    def spec(self) -> FamilySpec: ...
+    def spec(self) -> FamilySpec:
+        """The loaded checkpoint's geometry."""
+        return self.spec_from_configs(dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
 
     @property
     def is_i2v(self) -> bool:
@@ -201,9 +202,19 @@ class Adapter(ABC):
         """The checkpoint's own scheduler (its class and config are what the solver rebuilds per stage)."""
         return self.pipe.scheduler
 
-    @abstractmethod
+    def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's latent → VAE-input scaling (the Hunyuan families: divide by ``scaling_factor``)."""
+        return latents / self.pipe.vae.config.scaling_factor
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latent ``[B, C, T, H, W]`` → uint8 frames ``[B, F, H, W, 3]`` with the pipeline's VAE."""
+        """Latent ``[B, C, T, H, W]`` → uint8 frames ``[B, F, H, W, 3]``: the pipeline's VAE and its own
+        ``video_processor.postprocess_video``, as its ``__call__`` does for ``output_type="np"``."""
+        vae = self.pipe.vae
+        z = self.vae_input(latents.to(vae.device, vae.dtype))
+        with torch.no_grad():
+            video = vae.decode(z, return_dict=False)[0]
+        frames = self.pipe.video_processor.postprocess_video(video, output_type="np")
+        return (np.clip(np.asarray(frames), 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
     def enable_vae_tiling(self) -> bool:
         """Tiled decode where diffusers offers it; returns whether it is on."""

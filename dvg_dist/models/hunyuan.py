@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..config import SamplingConfig
@@ -115,10 +114,6 @@ class HunyuanVideoAdapter(Adapter):
         patch = (int(transformer.get("patch_size_t", 1)), p, p)
         return CostModel.from_arch(hidden, ffn, MAX_SEQUENCE_LENGTH, patch)
 
-    @property
-    def spec(self) -> FamilySpec:
-        return self.spec_from_configs(dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
-
     def encode(
         self,
         prompts: list[str],
@@ -169,12 +164,3 @@ class HunyuanVideoAdapter(Adapter):
     def timestep_tensor(self, timestep: float, batch: int) -> torch.Tensor:
         # HunyuanVideoPipeline: ``t.expand(B).to(latents.dtype)`` with float32 latents.
         return torch.full((batch,), timestep, device=self.device, dtype=torch.float32)
-
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        pipe = self.pipe
-        vae = pipe.vae
-        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-        with torch.no_grad():
-            video = vae.decode(z, return_dict=False)[0]
-        frames = pipe.video_processor.postprocess_video(video, output_type="np")
-        return (np.clip(np.asarray(frames), 0.0, 1.0) * 255.0).round().astype(np.uint8)

@@ -32,7 +32,6 @@ import logging
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..config import SamplingConfig
@@ -109,10 +108,6 @@ class HunyuanVideo15Adapter(Adapter):
         # Joint attention: each video token attends to all 1985 text/image tokens (the 4d·L_text term). The
         # text stream's own projections and FFN cost the same at every stage and are left out.
         return CostModel.from_arch(hidden, ffn, QWEN_TOKENS + BYT5_TOKENS + IMAGE_TOKENS, (pt, p, p))
-
-    @property
-    def spec(self) -> FamilySpec:
-        return self.spec_from_configs(dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
 
     # -- conditioning --------------------------------------------------------------------------------
 
@@ -203,14 +198,3 @@ class HunyuanVideo15Adapter(Adapter):
     def timestep_tensor(self, timestep: float, batch: int) -> torch.Tensor:
         # ``t.expand(B).to(latent_model_input.dtype)``: the latent input is in the transformer's dtype.
         return torch.full((batch,), timestep, device=self.device, dtype=self.transformer_dtype)
-
-    # -- decode --------------------------------------------------------------------------------------
-
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        pipe = self.pipe
-        vae = pipe.vae
-        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-        with torch.no_grad():
-            video = vae.decode(z, return_dict=False)[0]
-        frames = pipe.video_processor.postprocess_video(video, output_type="np")
-        return (np.clip(np.asarray(frames), 0.0, 1.0) * 255.0).round().astype(np.uint8)

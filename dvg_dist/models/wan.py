@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..config import SamplingConfig
@@ -63,10 +62,6 @@ class WanAdapter(Adapter):
         patch = tuple(int(p) for p in transformer["patch_size"])
         # Cross-attention reads the umT5 prompt, padded to 512 tokens by WanPipeline.
         return CostModel.from_arch(hidden, int(transformer["ffn_dim"]), 512, patch)  # type: ignore[arg-type]
-
-    @property
-    def spec(self) -> FamilySpec:
-        return self.spec_from_configs(dict(self.pipe.transformer.config), dict(self.pipe.vae.config))
 
     def encode(
         self,
@@ -138,13 +133,9 @@ class WanAdapter(Adapter):
         unipc = type(self.scheduler).__name__ == "UniPCMultistepScheduler"
         return torch.full((batch,), timestep, device=self.device, dtype=torch.int64 if unipc else torch.float32)
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        pipe = self.pipe
-        vae = pipe.vae
-        z = latents.to(vae.device, vae.dtype)
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
-        with torch.no_grad():
-            video = vae.decode(z / inv_std + mean, return_dict=False)[0]
-        frames = pipe.video_processor.postprocess_video(video, output_type="np")
-        return (np.clip(np.asarray(frames), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        # WanPipeline: un-normalise with the VAE's per-channel latents_mean / latents_std.
+        vae = self.pipe.vae
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        return latents / inv_std + mean  # the pipeline's own arithmetic, so decodes match it bit for bit
