@@ -1,11 +1,13 @@
 """DVG speed-up over the full run, side by side, on an attention-dominated Wan transformer (random weights).
 
-    python bench/speedup.py [--steps 20] [--budgets 0.4,0.5,0.6,0.8] [--frames 33 --size 640x384]
+    python bench/speedup.py [--steps 20] [--budgets 0.4,0.5,0.6,0.8] [--frames 49 --size 640x384] [--repeats 3]
 
 Architecture: diffusers' ``WanTransformer3DModel`` with 2 heads × 64 (hidden 128), FFN 256, 1 layer, patch
-(1, 2, 2), inside the tiny Wan pipeline (its umT5 text encoder and VAE). At 33 frames × 640×384 the latent is
-9×48×80 = 8,640 tokens per call, so self-attention (∝ tokens²·hidden) is most of a step's work, as it is for a
-720p Wan 14B (75,600 tokens, hidden 5,120). Guidance 1 (one pass per step). Speed-up = denoising-loop time of
+(1, 2, 2), inside the tiny Wan pipeline (its umT5 text encoder and VAE). At 49 frames × 640×384 the latent is
+13×48×80 = 12,480 tokens per call, and self-attention (∝ tokens²·hidden) is ~92 % of a step's FLOPs:
+more attention-heavy than a 720p Wan 14B (75,600 tokens, hidden 5,120: ~72 %) or HunyuanVideo (118,800
+tokens: ~85 %), so its FLOP bound at a given density is somewhat higher than theirs. Guidance 1 (one pass
+per step). Speed-up = denoising-loop time of
 ``full`` / ``dvg`` (transitions included; text encoding and VAE decode excluded, reported end-to-end too).
 """
 
@@ -56,9 +58,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--budgets", default="0.4,0.5,0.6,0.8")
-    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--frames", type=int, default=49)
     p.add_argument("--size", default="640x384")
-    p.add_argument("--repeats", type=int, default=1, help="runs per setting (median)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per setting (median)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "speedup.json"))
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
