@@ -121,11 +121,39 @@ class SamplingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the processes of one run split the work: ``world = cfg × ulysses × ring`` (DESIGN §3)."""
+
+    ulysses_degree: int | None = None
+    """Ranks exchanging heads↔sequence by all-to-all (must divide the heads); None = as many as the heads
+    allow, the rest in the ring."""
+    ring_degree: int | None = None
+    """Ranks passing K/V around a ring (any length, any heads); None = what the Ulysses degree leaves."""
+    cfg_parallel: bool = False
+    """Run the conditional and unconditional passes on the two halves of the world (needs guidance)."""
+    backend: str = "auto"
+    """auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    timeout_s: float = 600.0
+    """Process-group timeout: a rank that dies or stalls fails the run within this, never a hang."""
+
+    def __post_init__(self) -> None:
+        for name in ("ulysses_degree", "ring_degree"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1; got {value}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"parallel.backend must be one of auto, nccl, gloo; got {self.backend!r}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"parallel.timeout_s must be > 0; got {self.timeout_s}")
+
+
+@dataclass
 class Config:
-    """A whole run: model, sampling and the DVG algorithm's options."""
+    """A whole run: model, sampling, parallel layout and the DVG algorithm's options."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     dvg: DVGOptions = field(default_factory=DVGOptions)
 
     def latent_grid(self) -> Grid:

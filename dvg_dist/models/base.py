@@ -170,6 +170,16 @@ class Adapter(ABC):
 
     # -- one transformer pass ------------------------------------------------------------------------
 
+    def transformers(self) -> list[torch.nn.Module]:
+        """Every transformer this pipeline may run (both experts of a two-expert model)."""
+        second = getattr(self.pipe, "transformer_2", None)
+        return [self.pipe.transformer] + ([second] if second is not None else [])
+
+    @staticmethod
+    def num_heads_from_config(transformer: dict[str, Any]) -> int:
+        """Attention heads (the Ulysses degree must divide them)."""
+        return int(transformer["num_attention_heads"])
+
     def transformer_for(self, timestep: float) -> tuple[torch.nn.Module, str]:
         """The transformer that runs at ``timestep`` and a name for it (two-expert MoE families override)."""
         return self.pipe.transformer, "transformer"

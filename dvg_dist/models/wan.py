@@ -11,11 +11,12 @@ from ..dvg.planner import CostModel, Grid
 from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
 
 # The context-parallel layout diffusers itself declares for WanTransformer3DModel (``_cp_plan``): rotary
-# cos/sin split after ``rope``, hidden states split before the first block, the 2-D timestep of Wan 2.2
-# TI2V split with them, ``proj_out`` gathered so every rank unpatchifies the whole output. Text tokens
-# only enter cross-attention, which stays local.
+# cos/sin split after ``rope``, hidden states split before the first block, ``proj_out`` gathered so every
+# rank unpatchifies the whole output. Text tokens only enter cross-attention, which stays local. Not here:
+# diffusers also splits ``temb`` for Wan 2.2 TI2V (per-token timesteps), which this adapter refuses; Wan 2.1's
+# ``temb`` is [B, 6, D] and must never be split.
 WAN_SEQUENCE_PLAN = SequencePlan(
-    split_inputs={"rope": {"0": 1, "1": 1}, "blocks.0": {"hidden_states": 1, "temb": 1}},
+    split_inputs={"rope": {"0": 1, "1": 1}, "blocks.0": {"hidden_states": 1}},
     replicated_inputs={"blocks.0": ("encoder_hidden_states",)},
     gather_outputs={"proj_out": 1},
 )

@@ -1,6 +1,7 @@
 """Sequence parallelism (DESIGN §3): shard plans, the parallel layout and its groups, attention collectives.
 
-No diffusers imports here: model adapters call into this package.
+No diffusers import at module level: :mod:`dvg_dist.parallel.hooks` applies a model family's plan to a diffusers
+transformer and registers its attention backend (imported lazily) on first use.
 """
 
 from dvg_dist.parallel.attention import (
@@ -10,6 +11,13 @@ from dvg_dist.parallel.attention import (
     sdpa_with_lse,
     ulysses_attention,
     usp_attention,
+)
+from dvg_dist.parallel.diffusers_backend import SequenceParallelState
+from dvg_dist.parallel.hooks import (
+    parallelize_transformer,
+    sequence_parallel,
+    sequence_parallel_state,
+    unparallelize_transformer,
 )
 from dvg_dist.parallel.mesh import (
     Axis,
@@ -26,6 +34,7 @@ __all__ = [
     "Axis",
     "ParallelGroups",
     "ParallelLayout",
+    "SequenceParallelState",
     "ShardPlan",
     "all_shard_lengths",
     "build_groups",
@@ -33,10 +42,14 @@ __all__ = [
     "default_layout",
     "gather",
     "merge_attention",
+    "parallelize_transformer",
     "ring_attention",
     "sdpa_with_lse",
+    "sequence_parallel",
+    "sequence_parallel_state",
     "shard_sizes",
     "split",
     "ulysses_attention",
+    "unparallelize_transformer",
     "usp_attention",
 ]

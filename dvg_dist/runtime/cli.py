@@ -57,6 +57,12 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--fixed", metavar="S,R", help="spatial and temporal ratio for --mode fixed")
     _flag(parser, "--dtype", choices=["float32", "bfloat16", "float16"])
     _flag(parser, "--device", help="cuda, cuda:N, cpu, or auto")
+    _flag(parser, "--ulysses_degree", "--ulysses_size", type=int, help="ranks in Ulysses (must divide the heads)")
+    _flag(parser, "--ring_degree", "--ring_size", type=int, help="ranks in ring attention")
+    _flag(parser, "--use_cfg_parallel", "--cfg_parallel", action="store_true", default=None,
+          help="cond and uncond passes on the two halves of the world")  # fmt: skip
+    _flag(parser, "--backend", choices=["auto", "nccl", "gloo"], help="process-group backend (default auto)")
+    _flag(parser, "--timeout", type=float, help="process-group timeout in seconds (default 600)")
     _flag(parser, "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable")
 
 
@@ -77,6 +83,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "dtype": "model.dtype",
         "device": "model.device",
         "seed": "sampling.seed",
+        "ulysses_degree": "parallel.ulysses_degree",
+        "ring_degree": "parallel.ring_degree",
+        "use_cfg_parallel": "parallel.cfg_parallel",
+        "backend": "parallel.backend",
+        "timeout": "parallel.timeout_s",
     }
     for attr, key in simple.items():
         value = getattr(args, attr, None)

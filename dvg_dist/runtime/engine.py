@@ -7,6 +7,7 @@ issue shards inside it), and the sketch decision comes through the sampler's ``d
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,9 @@ import torch
 from ..config import DTYPES, Config
 from ..dvg.options import Mode
 from ..dvg.planner import COST_PRESETS, CostModel, Grid, Planner
-from ..dvg.sampler import DecideFn, PlanRecord, SamplerConfig, StageContext, sample
+from ..dvg.sampler import DecideFn, PlanRecord, SamplerConfig, StageContext, local_decider, sample
 from ..models import ADAPTERS, Adapter, InputError, adapter_class, read_model_index, resolve_model_path
+from .distributed import ParallelContext
 from .solver import DiffusersSolver, scheduler_shift, sigma_range
 
 logger = logging.getLogger(__name__)
@@ -122,8 +124,9 @@ def load_pipeline(path: str, dtype: torch.dtype, device: torch.device) -> Any:
 class Engine:
     """Holds a loaded pipeline and its adapter; ``generate`` runs one batch of requests."""
 
-    def __init__(self, config: Config, pipe: Any | None = None) -> None:
+    def __init__(self, config: Config, pipe: Any | None = None, parallel: ParallelContext | None = None) -> None:
         self.config = config
+        self.parallel = parallel
         path = config.model.path
         if pipe is None:
             if not path:
@@ -137,6 +140,12 @@ class Engine:
         self.adapter = cls(pipe)
         if config.model.vae_tiling and self.adapter.enable_vae_tiling():
             logger.debug("VAE tiled decoding on")
+        if parallel is not None and parallel.layout.sp_degree > 1:
+            from ..parallel import parallelize_transformer
+
+            # Every transformer the adapter may call (both experts of a MoE), sharded over the sp group.
+            for module in self.adapter.transformers():
+                parallelize_transformer(module, self.adapter.sequence_plan, parallel.groups)
         spec = self.adapter.spec
         self.spec = spec
 
@@ -183,18 +192,34 @@ class Engine:
         timings["encode"] = time.perf_counter() - t0
 
         trace: list[StepTrace] = []
-        bars = _StageBars(cfg, enabled=progress)
+        par = self.parallel
+        main = par is None or par.is_main
+        bars = _StageBars(cfg, enabled=progress and main)
+        cfg_parallel = par is not None and par.layout.cfg_degree == 2 and conditioning.uncond is not None
+        if par is not None and decide is None and cfg.mode != Mode.FULL:
+            decide = par.broadcast_decider(local_decider(cfg))
+
+        fault = _injected_fault(par)
 
         def velocity(x: torch.Tensor, timestep: float, ctx: StageContext) -> torch.Tensor:
+            if fault is not None and ctx.step == fault:
+                raise RuntimeError(f"injected fault at step {ctx.step} (DVG_FAULT_INJECT)")
             module, expert = adapter.transformer_for(timestep)
             g = adapter.guidance_for(timestep, s)
             x_in = adapter.model_input(x, ctx, conditioning, grid)
             t = adapter.timestep_tensor(timestep, x.shape[0])
             with torch.no_grad():
-                v = adapter.forward(module, x_in, t, conditioning.cond)
-                if conditioning.uncond is not None:
-                    v_uncond = adapter.forward(module, x_in, t, conditioning.uncond)
+                if cfg_parallel:
+                    # Each half of the world runs one branch; one exchange gives both to everyone.
+                    assert par is not None and conditioning.uncond is not None
+                    mine = conditioning.cond if par.cfg_rank == 0 else conditioning.uncond
+                    v, v_uncond = par.exchange_cfg(adapter.forward(module, x_in, t, mine))
                     v = v_uncond + g * (v - v_uncond)
+                else:
+                    v = adapter.forward(module, x_in, t, conditioning.cond)
+                    if conditioning.uncond is not None:
+                        v_uncond = adapter.forward(module, x_in, t, conditioning.uncond)
+                        v = v_uncond + g * (v - v_uncond)
             trace.append(StepTrace(ctx.step, ctx.stage, timestep, expert, (ctx.grid.t, ctx.grid.h, ctx.grid.w), g))
             bars.update(ctx)
             return v.to(x.dtype)
@@ -213,12 +238,22 @@ class Engine:
             timings[key] = value
 
         frames = None
-        if decode:
+        if decode and main:  # only rank 0 decodes (the latent is whole and identical on every rank)
             t0 = time.perf_counter()
             frames = adapter.decode(latent)
             timings["decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_total
         return Result(requests, latent, frames, record, timings, trace)
+
+
+def _injected_fault(par: ParallelContext | None) -> int | None:
+    """Fault injection for tests of failure handling: ``DVG_FAULT_INJECT=RANK:STEP`` makes that rank raise at
+    that model call. Unset (always, outside tests), nothing happens."""
+    spec = os.environ.get("DVG_FAULT_INJECT")
+    if not spec:
+        return None
+    rank, _, step = spec.partition(":")
+    return int(step) if int(rank) == (0 if par is None else par.rank) else None
 
 
 class _StageBars:
@@ -254,7 +289,9 @@ def _load_image(path: str) -> Any:
     return Image.open(path).convert("RGB")
 
 
-def sidecar(result: Result, index: int, config: Config, files: dict[str, str], world_size: int = 1) -> dict[str, Any]:
+def sidecar(
+    result: Result, index: int, config: Config, files: dict[str, str], parallel: dict[str, int] | None = None
+) -> dict[str, Any]:
     """The JSON written next to each video."""
     req = result.requests[index]
     plan = result.record.to_dict()
@@ -283,7 +320,7 @@ def sidecar(result: Result, index: int, config: Config, files: dict[str, str], w
         "demands": None if demands is None else {"spatial": demands["spatial"], "temporal": demands["temporal"]},
         "weights": None if demands is None else {"w_s": demands["w_s"], "w_t": demands["w_t"]},
         "experts": experts,
-        "parallel": {"world_size": world_size},
+        "parallel": parallel or {"world_size": 1},
         "timings": result.timings,
         "files": files,
     }

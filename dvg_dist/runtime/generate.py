@@ -1,19 +1,19 @@
-"""``launch/generate.py``'s body: validate everything, load once, generate each request, write outputs."""
+"""``launch/generate.py``'s body: validate everything, load once per rank, generate each request, rank 0 writes."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from ..dvg.planner import InfeasibleBudget
+from ..config import Config
+from ..dvg.planner import Grid
 from ..models import InputError
-from .cli import config_from_args, read_requests, setup_logging
-from .engine import Engine, sidecar, validate
-from .outputs import output_name, write_json, write_latent, write_video
+from .cli import OneLineParser, add_generation_args, config_from_args, read_requests
+from .distributed import validate_layout
+from .engine import Request, validate
 
 logger = logging.getLogger("dvg_dist.generate")
 
@@ -44,37 +44,41 @@ def describe_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, prog: str) -> int:
-    setup_logging(getattr(args, "verbose", False))
-    try:
-        config = config_from_args(args)
-        requests = read_requests(args, config)
-        grid = validate(config, requests)
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--out {out} exists and is not a directory")
-    except (ConfigError, InputError, InfeasibleBudget) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
+    """generate.py's flags (shared definitions in ``cli``), plus outputs and launching."""
+    parser = OneLineParser(prog=prog, description="Generate videos with DVG on a diffusers checkpoint.")
+    add_generation_args(parser)
+    parser.add_argument("--out", default="out", help="output directory (default: out)")
+    parser.add_argument(
+        "--save-latent", "--save_latent", action="store_true", help="also write <name>.latent.safetensors"
+    )
+    parser.add_argument("--nproc", type=int, default=1, help="spawn N worker processes (no torchrun needed)")
+    parser.add_argument("--no-progress", "--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs (the whole candidate table)")
+    return parser
 
-    s = config.sampling
-    logger.info(
-        "%d request(s): latent %s, %d steps, mode %s, budget %g, guidance %g; loading %s",
-        len(requests), grid, s.steps, s.mode.value, s.budget, s.guidance_scale, config.model.path,
-    )  # fmt: skip
-    engine = Engine(config)
-    for index, req in enumerate(requests):
-        name = req.name or output_name(req.prompt, req.seed, s.mode.value, index if len(requests) > 1 else None)
-        result = engine.generate([req], progress=not getattr(args, "no_progress", False))
-        assert result.frames is not None
-        files = {"video": f"{name}.mp4", "sidecar": f"{name}.json"}
-        write_video(out / files["video"], result.frames[0], engine.adapter.fps)
-        if getattr(args, "save_latent", False):
-            files["latent"] = f"{name}.latent.safetensors"
-            write_latent(out / files["latent"], result.latent[0:1])
 
-        record = sidecar(result, 0, config, files)
-        write_json(out / files["sidecar"], record)  # last: its presence means the request is complete
-        print(f"wrote {out / files['video']} ({result.timings['total']:.2f}s)")
-        print(describe_plan(record["plan"]))
-    return 0
+@dataclass
+class Job:
+    """A validated run: what every rank needs, checked before any process or weight."""
+
+    config: Config
+    requests: list[Request]
+    grid: Grid
+    out: Path
+    save_latent: bool
+    progress: bool
+
+
+def prepare(args: argparse.Namespace, world_size: int) -> Job:
+    """Every check that needs no weights, including the parallel layout for ``world_size`` ranks."""
+    config = config_from_args(args)
+    requests = read_requests(args, config)
+    grid = validate(config, requests)
+    if world_size < 1:
+        raise InputError(f"--nproc must be >= 1; got {world_size}")
+    validate_layout(config, world_size)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    return Job(config, requests, grid, out, bool(args.save_latent), not args.no_progress)
