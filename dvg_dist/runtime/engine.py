@@ -140,10 +140,11 @@ class Engine:
         self.adapter = cls(pipe)
         if config.model.vae_tiling and self.adapter.enable_vae_tiling():
             logger.debug("VAE tiled decoding on")
-        if parallel is not None and parallel.layout.sp_degree > 1:
+        if parallel is not None:
             from ..parallel import parallelize_transformer
 
-            # Every transformer the adapter may call (both experts of a MoE), sharded over the sp group.
+            # Every transformer the adapter may call (both experts of a MoE), sharded over the sp group
+            # (a one-rank sp group, e.g. pure CFG-parallel, leaves the model local).
             for module in self.adapter.transformers():
                 parallelize_transformer(module, self.adapter.sequence_plan, parallel.groups)
         spec = self.adapter.spec
