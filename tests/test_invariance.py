@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from distributed import run_distributed
+from PIL import Image
 
 pytest_plugins = ["conftest_tiny"]
 
@@ -47,7 +46,9 @@ def _latents(rank: int, world: int, paths: dict[str, str], image: str) -> dict |
         for k, (u, r, c) in enumerate(LAYOUTS[world]):
             par = ParallelContext(build_groups(ParallelLayout(world, u, r, c, num_heads=2)))
             for mode in ("dvg", "full") if k == 0 else ("dvg",):
-                cfg = load_config(ROOT / "configs" / config_name, [f"model.path={path}", f"sampling.mode={mode}", *extra])
+                cfg = load_config(
+                    ROOT / "configs" / config_name, [f"model.path={path}", f"sampling.mode={mode}", *extra]
+                )
                 engine = Engine(cfg, pipe, parallel=par)
                 req = Request(PROMPT, seed=11, image=image if needs_image else None)
                 result = engine.generate([req], decode=False, progress=False)
