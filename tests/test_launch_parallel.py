@@ -35,19 +35,47 @@ def _generate(*argv: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )  # fmt: skip
 
 
-def test_cfg_parallel_on_two_processes_equals_one_process(tiny_checkpoint, tmp_path):
+COMMON = ["--prompt", "a red ball", "--seed", "5", "--save-latent", "--no-progress"]
+LATENT = "a-red-ball_s5_dvg.latent.safetensors"
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint, tmp_path_factory) -> tuple[str, torch.Tensor]:
     path = str(tiny_checkpoint("wan"))
-    common = ["--config", CONFIG, "--model", path, "--prompt", "a red ball", "--seed", "5", "--save-latent",
-              "--no-progress"]  # fmt: skip
-    one = _generate(*common, "--out", str(tmp_path / "one"))
-    two = _generate(*common, "--out", str(tmp_path / "two"), "--nproc", "2", "--use_cfg_parallel")
-    assert one.returncode == 0, one.stderr[-2000:]
+    out = tmp_path_factory.mktemp("single")
+    proc = _generate("--config", CONFIG, "--model", path, *COMMON, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return path, load_file(out / LATENT)["latent"]
+
+
+def test_cfg_parallel_with_nproc_equals_one_process(single, tmp_path):
+    path, reference = single
+    two = _generate("--config", CONFIG, "--model", path, *COMMON, "--out", str(tmp_path), "--nproc", "2",
+                    "--use_cfg_parallel")  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
-    name = "a-red-ball_s5_dvg.latent.safetensors"
-    a, b = load_file(tmp_path / "one" / name)["latent"], load_file(tmp_path / "two" / name)["latent"]
-    assert torch.equal(a, b), f"CFG-parallel latent differs: max {float((a - b).abs().max()):.2e}"
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    latent = load_file(tmp_path / LATENT)["latent"]
+    assert torch.equal(latent, reference), f"CFG-parallel latent differs: {float((latent - reference).abs().max()):.2e}"
+    stem = LATENT.removesuffix(".latent.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATENT, f"{stem}.mp4", f"{stem}.json"])
     assert two.stdout.count("wrote ") == 1, "only rank 0 writes and reports"
+
+
+def test_torchrun_ulysses_equals_one_process(single, tmp_path):
+    path, reference = single
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*torchrun, str(ROOT / "launch" / "generate.py"), "--config", CONFIG, "--model", path, *COMMON,
+         "--out", str(tmp_path), "--ulysses_size", "2"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    latent = load_file(tmp_path / LATENT)["latent"]
+    rel = float((latent - reference).abs().max() / reference.abs().max())
+    assert rel < 1e-4, f"Ulysses-2 latent under torchrun differs from one process by {rel:.2e}"
+    import json
+
+    side = json.loads((tmp_path / LATENT.replace(".latent.safetensors", ".json")).read_text())
+    assert side["parallel"] == {"world_size": 2, "ulysses": 2, "ring": 1, "cfg": 1}
 
 
 def test_a_rank_that_raises_fails_the_run_naming_the_rank(tiny_checkpoint, tmp_path):
