@@ -135,6 +135,9 @@ class ParallelConfig:
     """auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
     timeout_s: float = 600.0
     """Process-group timeout: a rank that dies or stalls fails the run within this, never a hang."""
+    text_encoder: str = "each"
+    """``each``: every rank encodes the prompt itself; ``rank0``: rank 0 encodes and broadcasts (the other ranks
+    never run the text encoder). Same result either way."""
 
     def __post_init__(self) -> None:
         for name in ("ulysses_degree", "ring_degree"):
@@ -145,6 +148,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel.backend must be one of auto, nccl, gloo; got {self.backend!r}")
         if self.timeout_s <= 0:
             raise ConfigError(f"parallel.timeout_s must be > 0; got {self.timeout_s}")
+        if self.text_encoder not in ("each", "rank0"):
+            raise ConfigError(f"parallel.text_encoder must be one of each, rank0; got {self.text_encoder!r}")
 
 
 @dataclass

@@ -50,8 +50,9 @@ def single(tiny_checkpoint, tmp_path_factory) -> tuple[str, torch.Tensor]:
 
 def test_cfg_parallel_with_nproc_equals_one_process(single, tmp_path):
     path, reference = single
+    # Also: rank 0 encodes the prompt and broadcasts it — the same result as every rank encoding.
     two = _generate("--config", CONFIG, "--model", path, *COMMON, "--out", str(tmp_path), "--nproc", "2",
-                    "--use_cfg_parallel")  # fmt: skip
+                    "--use_cfg_parallel", "--set", "parallel.text_encoder=rank0")  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
     latent = load_file(tmp_path / LATENT)["latent"]
     assert torch.equal(latent, reference), f"CFG-parallel latent differs: {float((latent - reference).abs().max()):.2e}"
@@ -99,6 +100,8 @@ def test_a_rank_that_raises_fails_the_run_naming_the_rank(tiny_checkpoint, tmp_p
         (["--nproc", "4", "--ulysses_degree", "4", "--ring_degree", "1"], "does not divide num_heads=2"),
         (["--nproc", "0"], "--nproc must be >= 1"),
         (["--set", "parallel.backend=mpi"], "parallel.backend must be one of auto, nccl, gloo"),
+        (["--nproc", "2", "--backend", "nccl"], "backend nccl needs CUDA"),
+        (["--set", "parallel.text_encoder=rank1"], "parallel.text_encoder must be one of each, rank0"),
     ],
 )
 def test_bad_layouts_are_refused_before_any_process_starts(tiny_checkpoint, tmp_path, capsys, extra, needle):

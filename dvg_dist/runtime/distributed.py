@@ -8,13 +8,14 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..config import Config
 from ..dvg.sampler import DecideFn, Decision
-from ..models import InputError, adapter_class, resolve_model_path
+from ..models import Conditioning, InputError, adapter_class, resolve_model_path
 from ..parallel import Axis, ParallelGroups, ParallelLayout, build_groups, default_backend
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ def resolve_layout(config: Config, world_size: int, num_heads: int, guidance_on:
     """The layout for ``world_size`` ranks from the config's degrees (defaults: all sp ranks in Ulysses when
     the heads allow, the rest in ring). One-line errors for every impossible combination — before weights."""
     p = config.parallel
+    if world_size > 1 and p.backend == "nccl" and not torch.cuda.is_available():
+        raise InputError("backend nccl needs CUDA, which is not available here; use --backend gloo (or auto)")
     cfg = 2 if p.cfg_parallel else 1
     if p.cfg_parallel and not guidance_on:
         raise InputError("CFG-parallel needs guidance (an unconditional pass): raise the guidance scale or drop it")
@@ -77,6 +80,18 @@ def validate_layout(config: Config, world_size: int) -> None:
         resolve_layout(config, world_size, num_heads(config), guidance_on(config))
 
 
+def _to(c: Conditioning | None, device: torch.device) -> Conditioning | None:
+    """A copy of ``c`` with every tensor on ``device`` (kwargs values that are not tensors kept as they are)."""
+    if c is None:
+        return None
+
+    def move(d: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if d is None else {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()}
+
+    lc = c.latent_condition
+    return Conditioning(move(c.cond) or {}, move(c.uncond), None if lc is None else lc.to(device))
+
+
 @dataclass
 class ParallelContext:
     """What the engine needs to run on several processes."""
@@ -111,6 +126,15 @@ class ParallelContext:
             return box[0]
 
         return decide
+
+    def broadcast_conditioning(self, mine: Conditioning | None, device: torch.device) -> Conditioning:
+        """Rank 0's prompt (and image) conditioning to every rank: moved to CPU for the object broadcast, back
+        to ``device`` after. Every rank enters the broadcast; only rank 0 passes a value."""
+        box: list[Conditioning | None] = [_to(mine, torch.device("cpu")) if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        received = _to(box[0], device)
+        assert received is not None
+        return received
 
     def exchange_cfg(self, v_mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CFG-parallel: this half computed one branch; one all-gather over the cfg pair gives both,

@@ -188,12 +188,17 @@ class Engine:
 
         image = _load_image(requests[0].image) if requests[0].image else None
         negatives = [r.negative_prompt if r.negative_prompt is not None else s.negative_prompt for r in requests]
+        par = self.parallel
         t0 = time.perf_counter()
-        conditioning = adapter.encode([r.prompt for r in requests], negatives, s, image, grid)
+        if par is not None and self.config.parallel.text_encoder == "rank0":
+            # Rank 0 encodes; every rank receives the same tensors (bit-identical to encoding everywhere).
+            mine = adapter.encode([r.prompt for r in requests], negatives, s, image, grid) if par.is_main else None
+            conditioning = par.broadcast_conditioning(mine, adapter.device)
+        else:
+            conditioning = adapter.encode([r.prompt for r in requests], negatives, s, image, grid)
         timings["encode"] = time.perf_counter() - t0
 
         trace: list[StepTrace] = []
-        par = self.parallel
         main = par is None or par.is_main
         bars = _StageBars(cfg, enabled=progress and main)
         cfg_parallel = par is not None and par.layout.cfg_degree == 2 and conditioning.uncond is not None
