@@ -39,6 +39,7 @@ test: lint
 bench: $(STAMP)
 	$(PY) bench/planner.py
 	$(PY) bench/speedup.py
+	$(PY) bench/parallel.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build out
