@@ -13,6 +13,7 @@ from distributed import run_distributed
 from PIL import Image
 
 pytest_plugins = ["conftest_tiny"]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red ball rolling over green grass"

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from dvg_dist.config import load_config
 
 pytest_plugins = ["conftest_tiny"]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny-wan.yaml")

@@ -30,6 +30,8 @@ from dvg_dist.parallel import (
     usp_attention,
 )
 
+pytestmark = pytest.mark.slow
+
 TOL = 1e-5
 B, D, T = 2, 16, 5
 

@@ -23,6 +23,7 @@ from dvg_dist.models.hunyuan15 import HUNYUAN15_SEQUENCE_PLAN
 from dvg_dist.models.wan import WAN_SEQUENCE_PLAN
 
 pytest_plugins = ["conftest_tiny"]
+pytestmark = pytest.mark.slow
 
 TOL = 1e-5
 # Latent (T, H, W) grids, patch 1×2×2 (Wan, HunyuanVideo) → 80, 27, 30 tokens: uneven at 2, 3 and 4 ranks.
