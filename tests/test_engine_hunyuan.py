@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from diffusers import DiffusionPipeline
 from dvg_dist.config import load_config
 from dvg_dist.dvg import Planner, hash_noise
 from dvg_dist.dvg.planner import COST_PRESETS
+from dvg_dist.executors.local import main as generate_main
 from dvg_dist.models import ADAPTERS, FAMILIES, HunyuanVideoAdapter
 from dvg_dist.models.hunyuan import prompt_template_of
 from dvg_dist.models.tiny import read_tiny_meta
@@ -104,13 +104,6 @@ def test_dvg_token_counts_seen_by_the_transformer_match_the_plan(hunyuan):
 # -- launch/generate.py ----------------------------------------------------------------------------------
 
 
-def _generate_main():
-    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "launch" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_generate_writes_video_and_sidecar(hunyuan, tmp_path):
     import imageio_ffmpeg
 
@@ -119,7 +112,7 @@ def test_generate_writes_video_and_sidecar(hunyuan, tmp_path):
     argv = ["--config", str(ROOT / "configs" / "tiny-hunyuan.yaml"), "--model", str(path), "--prompt", PROMPT,
             "--seed", "4", "--true_cfg_scale", "2.0", "--negative_prompt", "blurry", "--out", str(out),
             "--no-progress"]  # fmt: skip
-    assert _generate_main()(argv) == 0
+    assert generate_main(argv) == 0
     stem = "a-red-ball-rolling-over-green-grass_s4_dvg"
     assert sorted(p.name for p in out.iterdir()) == [f"{stem}.json", f"{stem}.mp4"]
     video = out / f"{stem}.mp4"
@@ -141,7 +134,7 @@ def test_image_on_a_text_to_video_checkpoint_is_refused_in_one_line(hunyuan, tmp
     (tmp_path / "x.png").write_bytes(b"")
     argv = ["--config", str(ROOT / "configs" / "tiny-hunyuan.yaml"), "--model", str(path), "--prompt", PROMPT,
             "--image", str(tmp_path / "x.png"), "--out", str(out)]  # fmt: skip
-    assert _generate_main()(argv) == 2
+    assert generate_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0] and "text-to-video checkpoint" in err[0], err
     assert not out.exists(), "nothing may be written on bad input"

@@ -3,7 +3,6 @@ and under DVG every stage sees the I2V condition sampled at its own coordinates 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from PIL import Image
 from dvg_dist.config import load_config
 from dvg_dist.dvg import Grid, hash_noise
 from dvg_dist.dvg.resize import sample_at, stage_coords
+from dvg_dist.executors.local import main as generate_main
 from dvg_dist.models import HunyuanVideo15Adapter, InputError
 from dvg_dist.runtime.engine import Engine, Request
 
@@ -193,19 +193,12 @@ def test_spec_cost_model_and_guidance_mapping(t2v):
 # -- (c) launch/generate.py ---------------------------------------------------------------------------------
 
 
-def _generate_main():
-    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "launch" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_generate_i2v_writes_video_and_sidecar(i2v, image_path, tmp_path):
     path, _ = i2v
     out = tmp_path / "out"
     argv = ["--config", str(ROOT / "configs" / "tiny-hunyuan15-i2v.yaml"), "--model", str(path), "--prompt",
             "a red ball", "--image", str(image_path), "--seed", "4", "--out", str(out), "--no-progress"]  # fmt: skip
-    assert _generate_main()(argv) == 0
+    assert generate_main(argv) == 0
     stem = "a-red-ball_s4_dvg"
     assert sorted(p.name for p in out.iterdir()) == [f"{stem}.json", f"{stem}.mp4"]
     assert (out / f"{stem}.mp4").read_bytes()[4:8] == b"ftyp", "not an mp4"
@@ -227,7 +220,7 @@ def test_generate_refuses_image_mismatch_in_one_line(
     argv = ["--config", str(ROOT / "configs" / name), "--model", str(path), "--prompt", "x", "--out", str(out)]
     if with_image:
         argv += ["--image", str(image_path)]
-    assert _generate_main()(argv) == 2
+    assert generate_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if "error:" in line]
     assert len(errors) == 1 and needle in errors[0], err

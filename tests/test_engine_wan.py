@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from diffusers import DiffusionPipeline
 
 from dvg_dist.config import load_config
 from dvg_dist.dvg import Planner, hash_noise
+from dvg_dist.executors.local import main as generate_main
 from dvg_dist.runtime.engine import Engine, Request
 
 pytest_plugins = ["conftest_tiny"]
@@ -125,19 +125,12 @@ def test_batch_of_prompts_in_full_mode_equals_single_runs(wan):
 # -- launch/generate.py ----------------------------------------------------------------------------------
 
 
-def _generate_main():
-    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "launch" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_generate_writes_video_sidecar_and_latent(wan, tmp_path):
     path, _ = wan
     out = tmp_path / "out"
     argv = ["--config", str(ROOT / "configs" / "tiny-wan.yaml"), "--model", str(path), "--prompt", PROMPT,
             "--seed", "4", "--out", str(out), "--save-latent", "--no-progress"]  # fmt: skip
-    assert _generate_main()(argv) == 0
+    assert generate_main(argv) == 0
     files = sorted(p.name for p in out.iterdir())
     stem = "a-red-ball-rolling-over-green-grass_s4_dvg"
     assert files == [f"{stem}.json", f"{stem}.latent.safetensors", f"{stem}.mp4"], files
@@ -177,7 +170,7 @@ def test_bad_input_is_one_line_and_writes_nothing(wan, tmp_path, capsys, extra, 
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     argv = ["--config", str(ROOT / "configs" / "tiny-wan.yaml"), "--model", str(path), "--prompt", PROMPT,
             "--out", str(out), *extra]  # fmt: skip
-    assert _generate_main()(argv) == 2
+    assert generate_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if "error:" in line]
     assert len(errors) == 1 and needle in errors[0], err
@@ -190,7 +183,7 @@ def test_unknown_mode_is_an_argparse_error(wan, tmp_path, capsys):
     argv = ["--config", str(ROOT / "configs" / "tiny-wan.yaml"), "--model", str(path), "--prompt", "x",
             "--mode", "fast", "--out", str(tmp_path / "o")]  # fmt: skip
     with pytest.raises(SystemExit) as info:
-        _generate_main()(argv)
+        generate_main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "invalid choice: 'fast'" in err[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,19 +13,13 @@ from distributed import run_distributed
 from safetensors.torch import load_file
 
 from dvg_dist.config import load_config
+from dvg_dist.executors.local import main as generate_main
 
 pytest_plugins = ["conftest_tiny"]
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny-wan.yaml")
-
-
-def _main():
-    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "launch" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _generate(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -108,7 +101,7 @@ def test_a_rank_that_raises_fails_the_run_naming_the_rank(tiny_checkpoint, tmp_p
 def test_bad_layouts_are_refused_before_any_process_starts(tiny_checkpoint, tmp_path, capsys, extra, needle):
     argv = ["--config", CONFIG, "--model", str(tiny_checkpoint("wan")), "--prompt", "x", "--out", str(tmp_path / "o"),
             *extra]  # fmt: skip
-    assert _main()(argv) == 2
+    assert generate_main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and needle in errors[0], errors
     assert not (tmp_path / "o").exists()
