@@ -98,12 +98,9 @@ class RankActor:
         worker = self.worker
         if worker is None:
             raise InputError("RankActor.setup() must run before execute()")
+        # A JSONL line may carry its own budget / mode: this request's config, the same model and layout.
         config = item_config(self.config, item)
-        worker.engine.config = config  # the engine reads sampling settings per call: per-request budget/mode
-        try:
-            result = worker.execute(item.request, progress=progress)
-        finally:
-            worker.engine.config = self.config
+        result = worker.execute(item.request, progress=progress, config=config)
         if not worker.is_main:
             return None
         assert result.frames is not None

@@ -40,10 +40,11 @@ class Worker:
     def load(self, pipe: Any | None = None) -> None:
         self.engine = Engine(self.config, pipe, parallel=self.parallel)
 
-    def execute(self, request: Request, progress: bool = True) -> Result:
+    def execute(self, request: Request, progress: bool = True, config: Config | None = None) -> Result:
+        """One request; ``config`` (same model and layout) overrides this worker's for this request only."""
         if self.engine is None:
             raise InputError("Worker.load() must run before execute()")
-        return self.engine.generate([request], progress=progress)
+        return self.engine.generate([request], progress=progress, config=config)
 
     def layout_record(self) -> dict[str, int]:
         """The sidecar's ``parallel`` entry."""

@@ -150,8 +150,9 @@ class Engine:
         spec = self.adapter.spec
         self.spec = spec
 
-    def sampler_config(self, grid: Grid) -> SamplerConfig:
-        s, m = self.config.sampling, self.config.model
+    def sampler_config(self, grid: Grid, config: Config | None = None) -> SamplerConfig:
+        config = config or self.config
+        s, m = config.sampling, config.model
         sched = self.adapter.scheduler
         sigma_max, sigma_min = sigma_range(sched)
         return SamplerConfig(
@@ -160,11 +161,11 @@ class Engine:
             shift=m.shift if m.shift is not None else scheduler_shift(sched),
             budget=s.budget,
             mode=s.mode,
-            options=self.config.dvg,
+            options=config.dvg,
             spatial_multiple=self.spec.spatial_multiple,
             sigma_max=sigma_max,
             sigma_min=sigma_min,
-            cost_model=cost_model(self.config, type(self.adapter), dict(self.adapter.pipe.transformer.config)),
+            cost_model=cost_model(config, type(self.adapter), dict(self.adapter.pipe.transformer.config)),
         )
 
     def generate(
@@ -174,14 +175,17 @@ class Engine:
         decode: bool = True,
         decide: DecideFn | None = None,
         progress: bool = True,
+        config: Config | None = None,
     ) -> Result:
-        """One batch: the requests share size, steps and plan (demands pooled over the batch)."""
+        """One batch: the requests share size, steps and plan (demands pooled over the batch). ``config``
+        replaces the engine's for this call (same model and layout; e.g. a batch line's own budget or mode)."""
         if not requests:
             raise InputError("no prompts given")
-        s = self.config.sampling
+        config = config or self.config
+        s = config.sampling
         width, height = s.pixel_size()
         grid = self.spec.latent_grid(width, height, s.frame_num)
-        cfg = self.sampler_config(grid)
+        cfg = self.sampler_config(grid, config)
         adapter = self.adapter
         timings: dict[str, float] = {}
         t_total = time.perf_counter()
@@ -190,7 +194,7 @@ class Engine:
         negatives = [r.negative_prompt if r.negative_prompt is not None else s.negative_prompt for r in requests]
         par = self.parallel
         t0 = time.perf_counter()
-        if par is not None and self.config.parallel.text_encoder == "rank0":
+        if par is not None and config.parallel.text_encoder == "rank0":
             # Rank 0 encodes; every rank receives the same tensors (bit-identical to encoding everywhere).
             mine = adapter.encode([r.prompt for r in requests], negatives, s, image, grid) if par.is_main else None
             conditioning = par.broadcast_conditioning(mine, adapter.device)
