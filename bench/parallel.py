@@ -73,6 +73,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.distributed as dist
+from _common import cpu_model
 
 from dvg_dist.dvg import Decision, Demands, Grid, Planner
 from dvg_dist.parallel import shard_sizes
@@ -737,16 +738,6 @@ def print_report(
         sw = f"{t['stage_switch_bytes']} B (decision broadcast)"
         trows.append([name, _fmt_bytes(t["dvg_bytes"]), _fmt_bytes(t["full_bytes"]), f"{t['ratio']:.3f}", sw])
     print(_table(["layout", "DVG run", "full run", "DVG/full", "stage switches"], trows))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import cpu_model
 
 from dvg_dist.dvg import (
     DVGOptions,
@@ -69,16 +70,6 @@ def time_ms(fn: Callable[[], object], runs: int, warmup: int) -> dict[str, float
         "mean_ms": statistics.fmean(samples),
         "runs": runs,
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
