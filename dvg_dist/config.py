@@ -22,6 +22,9 @@ from .dvg.planner import COST_PRESETS, Grid
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+ATTENTION_BACKENDS = ("native", "xfuser", "deepspeed")
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the offending key."""
 
@@ -51,6 +54,11 @@ class ModelConfig:
     """VAE compression (time, height, width): pixel frames = scale_t·(T-1) + 1."""
     spatial_multiple: int = 2
     """Every stage's latent H and W must be a multiple of this (Wan: 2, since ph = pw = 2)."""
+    offload: bool = False
+    """Model CPU offload: each component (text encoder, transformer(s), VAE) lives on the CPU and moves to the
+    device only while it runs (diffusers' ``enable_model_cpu_offload`` idea); same result, lower peak memory."""
+    text_encoder_offload: bool = False
+    """Move the text encoder(s) back to the CPU after encoding (Wan's ``--t5_cpu`` idea)."""
     cost_model: str = "auto"
     """FLOP cost model for the flop density: ``auto`` (from the checkpoint's transformer config; the
     planner tool without a checkpoint uses wan2.1-14b) or one of ``COST_PRESETS``."""
@@ -135,6 +143,15 @@ class ParallelConfig:
     """auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
     timeout_s: float = 600.0
     """Process-group timeout: a rank that dies or stalls fails the run within this, never a hang."""
+    attention_backend: str = "native"
+    """Sequence-parallel attention implementation: ``native`` (ours: torch.distributed + SDPA, the reference),
+    ``xfuser`` (yunchang's USP ``LongContextAttention``) or ``deepspeed`` (DeepSpeed-Ulysses
+    ``DistributedAttention``); the last two need their extra installed."""
+    shard_weights: bool = False
+    """Shard the transformer weights over the sp group with FSDP2 (``fully_shard``): each rank keeps 1/sp of
+    the parameters and gathers one block's at a time; same result."""
+    vae_parallel: bool = False
+    """Split the VAE decode over the ranks by tiles / frame chunks and gather on rank 0 (xDiT's DistVAE idea)."""
     text_encoder: str = "each"
     """``each``: every rank encodes the prompt itself; ``rank0``: rank 0 encodes and broadcasts (the other ranks
     never run the text encoder). Same result either way."""
@@ -148,6 +165,11 @@ class ParallelConfig:
             raise ConfigError(f"parallel.backend must be one of auto, nccl, gloo; got {self.backend!r}")
         if self.timeout_s <= 0:
             raise ConfigError(f"parallel.timeout_s must be > 0; got {self.timeout_s}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"parallel.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                f"got {self.attention_backend!r}"
+            )
         if self.text_encoder not in ("each", "rank0"):
             raise ConfigError(f"parallel.text_encoder must be one of each, rank0; got {self.text_encoder!r}")
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..config import Config, ConfigError, load_config
+from ..config import ATTENTION_BACKENDS, Config, ConfigError, load_config
 from ..dvg.options import Mode
 from ..models import InputError
 from .engine import Request
@@ -62,6 +62,59 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--use_cfg_parallel", "--cfg_parallel", action="store_true", default=None,
           help="cond and uncond passes on the two halves of the world")  # fmt: skip
     _flag(parser, "--backend", choices=["auto", "nccl", "gloo"], help="process-group backend (default auto)")
+    _flag(
+        parser,
+        "--attention_backend",
+        choices=list(ATTENTION_BACKENDS),
+        help="sequence-parallel attention: native (default), xfuser (yunchang USP) or deepspeed (Ulysses)",
+    )
+    _flag(
+        parser,
+        "--shard_weights",
+        "--use_fsdp",
+        action="store_true",
+        default=None,
+        help="shard the transformer weights over the sp group (FSDP2)",
+    )
+    _flag(
+        parser,
+        "--offload",
+        "--offload_model",
+        "--enable_model_cpu_offload",
+        action="store_true",
+        default=None,
+        help="keep each component on the CPU until it runs (lower peak GPU memory)",
+    )
+    _flag(
+        parser,
+        "--text_encoder_offload",
+        "--t5_cpu",
+        action="store_true",
+        default=None,
+        help="move the text encoder to the CPU after encoding",
+    )
+    _flag(
+        parser,
+        "--text_encoder_rank0",
+        action="store_true",
+        default=None,
+        help="only rank 0 loads and runs the text encoder; the embeddings are broadcast",
+    )
+    _flag(
+        parser,
+        "--vae_tiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tiled VAE decode (default on)",
+    )
+    _flag(
+        parser,
+        "--vae_parallel",
+        "--use_parallel_vae",
+        action="store_true",
+        default=None,
+        help="split the VAE decode over the ranks (DistVAE), gathered on rank 0",
+    )
     _flag(parser, "--timeout", type=float, help="process-group timeout in seconds (default 600)")
     _flag(parser, "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable")
 
@@ -88,11 +141,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "use_cfg_parallel": "parallel.cfg_parallel",
         "backend": "parallel.backend",
         "timeout": "parallel.timeout_s",
+        "attention_backend": "parallel.attention_backend",
+        "shard_weights": "parallel.shard_weights",
+        "offload": "model.offload",
+        "text_encoder_offload": "model.text_encoder_offload",
+        "vae_tiling": "model.vae_tiling",
+        "vae_parallel": "parallel.vae_parallel",
     }
     for attr, key in simple.items():
         value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
+    if getattr(args, "text_encoder_rank0", None):
+        overrides.append("parallel.text_encoder=rank0")
     if getattr(args, "negative_prompt", None) is not None:
         overrides.append(f"sampling.negative_prompt={json.dumps(args.negative_prompt)}")
     if getattr(args, "fixed", None):
