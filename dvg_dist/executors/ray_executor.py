@@ -40,6 +40,7 @@ from ..runtime.distributed import validate_layout
 from ..runtime.engine import sidecar, validate
 from ..runtime.generate import describe_plan
 from ..runtime.outputs import write_json, write_latent, write_video
+from ..runtime.versions import check_versions
 from .requests import BatchItem, append_manifest, finished, item_config, read_batch
 from .worker import Worker
 
@@ -430,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
+        check_versions()
         config = _absolute_model(config_from_args(args))
         items, skipped = read_batch(args, config)
         for message in skipped:

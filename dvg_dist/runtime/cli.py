@@ -35,8 +35,22 @@ def _flag(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> None:
     parser.add_argument(*spelled, **kwargs)
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: packages, devices, backends and the compatibility verdict, then exit (no other flag needed)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from .versions import version_report
+
+        print(version_report())  # stdout, like argparse's own version action
+        parser.exit(0)
+
+
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
     """Model, prompt and sampling flags; anything else is ``--set section.key=value``."""
+    parser.add_argument("--version", action=_VersionAction, help="installed versions and backends, then exit")
     _flag(parser, "--config", required=True, help="YAML config (configs/*.yaml)")
     _flag(parser, "--model", help="diffusers pipeline directory (overrides model.path)")
     src = parser.add_mutually_exclusive_group(required=True)

@@ -14,6 +14,7 @@ from ..models import InputError
 from .cli import OneLineParser, add_generation_args, config_from_args, read_requests
 from .distributed import validate_layout
 from .engine import Request, validate
+from .versions import check_versions
 
 logger = logging.getLogger("dvg_dist.generate")
 
@@ -72,6 +73,7 @@ class Job:
 
 def prepare(args: argparse.Namespace, world_size: int) -> Job:
     """Every check that needs no weights, including the parallel layout for ``world_size`` ranks."""
+    check_versions()
     config = config_from_args(args)
     requests = read_requests(args, config)
     grid = validate(config, requests)
