@@ -1,0 +1,12 @@
+"""Real-size transformer architectures with random weights: per-stage step time, tokens per rank, memory and
+DVG's speed-up over the full run (the command to run on a GPU machine).
+
+python launch/check_gpu.py --family wan|hunyuan|hunyuan15 --nproc N [--layers L] [--size WxH] [--json FILE]
+"""
+
+import sys
+
+from dvg_dist.runtime.check_gpu import main
+
+if __name__ == "__main__":
+    sys.exit(main())
