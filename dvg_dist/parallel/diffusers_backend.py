@@ -17,10 +17,15 @@ Joint attention (HunyuanVideo, HunyuanVideo-1.5): the processor concatenates ``[
 mask built from the *local* length. The video shard length is known from the per-forward token count (every rank
 derives it from :class:`ShardPlan`), so everything after it is the replicated text tail; the text key mask is read
 from the mask's text columns, and video keys are never masked in these families.
+
+With an external backend configured (``parallel.attention_backend``, :mod:`dvg_dist.parallel.backends`), each call
+goes to it when it can do that call exactly and to :func:`usp_attention` otherwise; ``SequenceParallelState.served``
+counts which one served each call.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +33,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from dvg_dist.parallel.attention import usp_attention
+from dvg_dist.parallel.backends import NATIVE, CallShape, ExternalAttention, log_fallback
 from dvg_dist.parallel.mesh import Axis, ParallelGroups
 from dvg_dist.parallel.shard import ShardPlan
 
@@ -50,6 +56,12 @@ class SequenceParallelState:
     """Video tokens of the current forward (before splitting); None until the first split of the forward."""
     calls: int = field(default=0)
     """Parallel attention calls so far (tests check that the backend is actually used)."""
+    attention: ExternalAttention | None = None
+    """The configured external backend (``parallel.attention_backend``); None = native for every call."""
+    served: Counter[str] = field(default_factory=Counter)
+    """Calls served per backend name (``native`` includes the external backend's fallbacks)."""
+    fallbacks: Counter[str] = field(default_factory=Counter)
+    """Calls the external backend handed to native, per reason."""
 
     @property
     def sp_size(self) -> int:
@@ -122,6 +134,18 @@ def _usp_backend(
             f"got q {tuple(query.shape)}, k {tuple(key.shape)}"
         )
     state.calls += 1
+    if state.attention is not None:
+        # Decided from what every rank knows identically (the global token count, heads, text length, mask
+        # presence, dtype): a rank-local input here would split the ranks between two backends' collectives.
+        masked = attn_mask is not None
+        call = CallShape(plan.num_tokens, query.shape[2], num_text, masked, query.dtype, query.device.type)
+        reason = state.attention.fallback_reason(call)
+        if reason is None:
+            state.served[state.attention.name] += 1
+            return state.attention(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
+        state.fallbacks[reason] += 1
+        log_fallback(state.attention.name, reason, call, state.groups.rank)
+    state.served[NATIVE] += 1
     if num_text == 0:
         if attn_mask is not None:
             raise ValueError("sequence-parallel attention: a mask over video tokens only is not supported")

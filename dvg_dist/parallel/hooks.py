@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from dvg_dist.parallel.backends import NATIVE, make_attention
 from dvg_dist.parallel.diffusers_backend import SequenceParallelState, usp_backend
 from dvg_dist.parallel.mesh import ParallelGroups
 from dvg_dist.parallel.shard import gather, split
@@ -50,6 +51,7 @@ class _Applied:
 
     plan: SequencePlan
     groups: ParallelGroups
+    attention_backend: str
     state: SequenceParallelState
     handles: list[RemovableHandle] = field(default_factory=list)
     processors: list[tuple[Any, Any, Any]] = field(default_factory=list)
@@ -135,17 +137,22 @@ def self_attention_modules(transformer: torch.nn.Module) -> Iterator[tuple[str, 
             yield f"{name}.{sub}", module
 
 
-def parallelize_transformer(transformer: torch.nn.Module, plan: SequencePlan, groups: ParallelGroups) -> None:
+def parallelize_transformer(
+    transformer: torch.nn.Module, plan: SequencePlan, groups: ParallelGroups, attention_backend: str = NATIVE
+) -> None:
     """Shard ``transformer``'s token sequence over ``groups.sp`` inside every forward, following ``plan``.
 
     Afterwards ``transformer(hidden_states=x, timestep=t, ..., return_dict=False)[0]``, called with the same
     arguments on every rank of the sp group, returns on every rank the full output of the unmodified model (up to
-    float round-off). Idempotent: the same plan and groups again is a no-op; another plan or groups replaces the
+    float round-off). Idempotent: the same plan, groups and backend again is a no-op; anything else replaces the
     previous setup. An sp group of one rank leaves the model untouched (and removes an earlier setup).
+
+    ``attention_backend``: ``native`` | ``xfuser`` | ``deepspeed`` (:mod:`dvg_dist.parallel.backends`); an
+    external one serves the calls it can do exactly and hands the others to native.
     """
     applied: _Applied | None = getattr(transformer, _ATTR, None)
     if applied is not None:
-        if applied.plan == plan and applied.groups is groups:
+        if applied.plan == plan and applied.groups is groups and applied.attention_backend == attention_backend:
             return
         unparallelize_transformer(transformer)
     if groups.layout.sp_degree == 1:
@@ -155,8 +162,8 @@ def parallelize_transformer(transformer: torch.nn.Module, plan: SequencePlan, gr
         if isinstance(h, int) and h % groups.layout.ulysses_degree:
             raise ValueError(f"ulysses_degree={groups.layout.ulysses_degree} does not divide num_heads={h}")
 
-    state = SequenceParallelState(groups)
-    applied = _Applied(plan, groups, state)
+    state = SequenceParallelState(groups, attention=make_attention(attention_backend, groups))
+    applied = _Applied(plan, groups, attention_backend, state)
     try:
         _apply(transformer, plan, applied)
     except BaseException:
@@ -232,9 +239,11 @@ def sequence_parallel_state(transformer: torch.nn.Module) -> SequenceParallelSta
 
 
 @contextmanager
-def sequence_parallel(transformer: torch.nn.Module, plan: SequencePlan, groups: ParallelGroups) -> Iterator[None]:
+def sequence_parallel(
+    transformer: torch.nn.Module, plan: SequencePlan, groups: ParallelGroups, attention_backend: str = NATIVE
+) -> Iterator[None]:
     """:func:`parallelize_transformer` for the duration of a ``with`` block, then undone."""
-    parallelize_transformer(transformer, plan, groups)
+    parallelize_transformer(transformer, plan, groups, attention_backend)
     try:
         yield
     finally:

@@ -17,6 +17,7 @@ from ..config import Config
 from ..dvg.sampler import DecideFn, Decision
 from ..models import Conditioning, InputError, adapter_class, resolve_model_path
 from ..parallel import Axis, ParallelGroups, ParallelLayout, build_groups, default_backend
+from ..parallel.backends import BackendUnavailableError, check_backend_available
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,15 @@ def resolve_layout(config: Config, world_size: int, num_heads: int, guidance_on:
             f"{p.ring_degree or '?'}: set --ulysses_degree and --ring_degree so their product is {sp}"
         )
     try:
-        return ParallelLayout(world_size, ulysses, ring, cfg, num_heads)
+        layout = ParallelLayout(world_size, ulysses, ring, cfg, num_heads)
     except ValueError as e:
         raise InputError(str(e)) from None
+    if layout.sp_degree > 1:  # the attention backend's extra, checked here: at startup, not mid-run
+        try:
+            check_backend_available(p.attention_backend)
+        except BackendUnavailableError as e:
+            raise InputError(str(e)) from None
+    return layout
 
 
 def guidance_on(config: Config) -> bool:

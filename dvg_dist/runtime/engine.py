@@ -146,7 +146,9 @@ class Engine:
             # Every transformer the adapter may call (both experts of a MoE), sharded over the sp group
             # (a one-rank sp group, e.g. pure CFG-parallel, leaves the model local).
             for module in self.adapter.transformers():
-                parallelize_transformer(module, self.adapter.sequence_plan, parallel.groups)
+                parallelize_transformer(
+                    module, self.adapter.sequence_plan, parallel.groups, config.parallel.attention_backend
+                )
         spec = self.adapter.spec
         self.spec = spec
 
