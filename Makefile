@@ -12,7 +12,7 @@ PROMPT ?= a red ball rolling over green grass, slow motion
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,ray]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c constraints.txt -e ".[dev,ray,xfuser,deepspeed]"
 	touch $(STAMP)
 
 $(TINY_WAN)/model_index.json: | $(STAMP)
