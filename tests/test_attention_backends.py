@@ -5,7 +5,8 @@ For every backend × layout it supports (yunchang: Ulysses 2, ring 2, USP 2 × 2
 - attention level, random q/k/v with a divisible token count: the backend serves the call and equals native
   (and single-process attention) within 1e-5;
 - the cases it cannot do exactly — an uneven token count, joint text tokens with a key mask, a ring axis for
-  DeepSpeed — are handed to native, counted per reason, and give native's result bit for bit;
+  DeepSpeed — are handed to native, counted per reason, and give native's result bit for bit (also through the
+  Hunyuan families' real joint-attention processors);
 - end to end, the tiny Wan checkpoint through the engine with ``parallel.attention_backend``: the final latent
   equals native's on the same layout (relative max diff < 1e-4) and the backend served some calls;
 - a missing extra is one line naming it, at startup (before any process or weight).
@@ -252,6 +253,45 @@ def test_engine_final_latent_equals_native(tiny_checkpoint, world):
         if mode == "full":  # 80 tokens at every step: divisible by 2, nothing falls back
             assert set(rep["served"]) == {backend}, f"{where}: {rep['served']}"
         print(f"{where}: latent relative max diff to native {rep['rel']:.2e}; calls served {rep['served']}")
+
+
+def _joint_model_job(rank: int, world: int, checkpoints: dict[str, str]) -> dict[Any, Any]:
+    """The Hunyuan families' real processors (joint text tail + text key mask) under each backend vs native."""
+    from test_parallel_models import FAMILIES, _inputs, _load
+
+    from dvg_dist.parallel import ParallelLayout, build_groups
+    from dvg_dist.parallel.hooks import parallelize_transformer, sequence_parallel_state
+
+    groups = build_groups(ParallelLayout(world, world, 1))
+    report: dict[Any, Any] = {}
+    for family, path in checkpoints.items():
+        plan, _, grids = FAMILIES[family]
+        model = _load(family, path, "transformer")
+        kw = _inputs(family, model, grids[0], 0)  # 80 tokens: divisible, so only the text tail can force native
+        outs = {}
+        for backend in ("native", *SUPPORTED):
+            parallelize_transformer(model, plan, groups, backend)
+            with torch.no_grad():
+                outs[backend] = model(**kw)[0]
+            state = sequence_parallel_state(model)
+            assert state is not None
+            if backend != "native":
+                report[(family, backend)] = {
+                    "equal_native": bool(torch.equal(outs[backend], outs["native"])),
+                    "served": dict(state.served),
+                    "fallbacks": dict(state.fallbacks),
+                }
+    return report
+
+
+def test_joint_text_models_run_native_under_every_backend(tiny_checkpoint):
+    checkpoints = {family: str(tiny_checkpoint(family)) for family in ("hunyuan", "hunyuan15")}
+    for rank, report in enumerate(run_distributed(_joint_model_job, 2, checkpoints, timeout=300.0)):
+        for (family, backend), rep in report.items():
+            where = f"{family} under {backend}, rank {rank}"
+            assert set(rep["served"]) == {"native"} and rep["served"]["native"] > 0, f"{where}: {rep['served']}"
+            assert all("joint text" in reason for reason in rep["fallbacks"]), f"{where}: {rep['fallbacks']}"
+            assert rep["equal_native"], f"{where}: the transformer output differs from native's"
 
 
 # -------------------------------------------------------------------------------------------- missing extra

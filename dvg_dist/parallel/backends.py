@@ -258,7 +258,14 @@ def make_attention(name: str, groups: ParallelGroups) -> ExternalAttention | Non
     check_backend_available(name)
     if name == NATIVE:
         return None
-    return _BACKENDS[name](groups)
+    attention = _BACKENDS[name](groups)
+    if groups.rank == 0:
+        layout = groups.layout
+        logger.info(
+            "attention backend %s on ulysses %d × ring %d; calls it cannot do exactly run native",
+            name, layout.ulysses_degree, layout.ring_degree,
+        )  # fmt: skip
+    return attention
 
 
 def log_fallback(backend: str, reason: str, call: CallShape, rank: int) -> None:
