@@ -150,9 +150,13 @@ class Adapter(ABC):
     def transformer_dtype(self) -> torch.dtype:
         return self.pipe.transformer.dtype
 
+    execution_device: torch.device | None = None
+    """Where the components compute when they do not all live there (model CPU offload, FSDP2 CPU offload);
+    None: where the transformer is."""
+
     @property
     def device(self) -> torch.device:
-        return self.pipe.transformer.device
+        return self.execution_device or self.pipe.transformer.device
 
     # -- conditioning --------------------------------------------------------------------------------
 

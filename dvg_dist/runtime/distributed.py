@@ -82,9 +82,14 @@ def num_heads(config: Config) -> int:
 
 
 def validate_layout(config: Config, world_size: int) -> None:
-    """Refuse an impossible layout for ``world_size`` ranks before any process starts or weight loads."""
+    """Refuse an impossible layout (or memory option) for ``world_size`` ranks before any process starts or weight
+    loads."""
+    from .memory import check_options
+
+    layout = None
     if world_size > 1 or config.parallel.ulysses_degree or config.parallel.ring_degree or config.parallel.cfg_parallel:
-        resolve_layout(config, world_size, num_heads(config), guidance_on(config))
+        layout = resolve_layout(config, world_size, num_heads(config), guidance_on(config))
+    check_options(config, layout)
 
 
 def _to(c: Conditioning | None, device: torch.device) -> Conditioning | None:

@@ -21,6 +21,7 @@ from ..dvg.options import Mode
 from ..dvg.planner import COST_PRESETS, CostModel, Grid, Planner
 from ..dvg.sampler import DecideFn, PlanRecord, SamplerConfig, StageContext, local_decider, sample
 from ..models import ADAPTERS, Adapter, InputError, adapter_class, read_model_index, resolve_model_path
+from . import memory
 from .distributed import ParallelContext
 from .solver import DiffusersSolver, scheduler_shift, sigma_range
 
@@ -112,11 +113,17 @@ def validate(config: Config, requests: list[Request]) -> Grid:
     return grid
 
 
-def load_pipeline(path: str, dtype: torch.dtype, device: torch.device) -> Any:
-    """The user's checkpoint through diffusers' own ``from_pretrained`` (safetensors only)."""
-    from diffusers import DiffusionPipeline
+def load_pipeline(path: str, dtype: torch.dtype, device: torch.device, skip: tuple[str, ...] = ()) -> Any:
+    """The user's checkpoint through diffusers' own ``from_pretrained`` (safetensors only); the components named
+    in ``skip`` are not loaded at all (None in the pipeline)."""
+    import diffusers
 
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    cls = diffusers.DiffusionPipeline
+    if skip:
+        # The pipeline's own class: DiffusionPipeline.from_pretrained checks optional components against its own
+        # (empty) list and would load one passed as None anyway (WanImageToVideoPipeline's image_encoder).
+        cls = getattr(diffusers, read_model_index(resolve_model_path(path))["_class_name"])
+    pipe = cls.from_pretrained(path, dtype=dtype, use_safetensors=True, **dict.fromkeys(skip))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -128,12 +135,22 @@ class Engine:
         self.config = config
         self.parallel = parallel
         path = config.model.path
+        memory.check_options(config, None if parallel is None else parallel.layout)
         if pipe is None:
             if not path:
                 raise InputError("no model: set model.path in the config or pass --model")
-            cls = adapter_class(resolve_model_path(path))
-            pipe = load_pipeline(path, DTYPES[config.model.dtype], resolve_device(config.model.device))
+            local = resolve_model_path(path)
+            cls = adapter_class(local)
+            device = resolve_device(config.model.device)
+            rank, world = (0, 1) if parallel is None else (parallel.rank, parallel.layout.world_size)
+            skip = memory.skipped_components(config, rank, world, read_model_index(local))
+            # With a memory option the weights stay on the CPU until memory.place decides what goes where (a
+            # sharded transformer only ever sends its shards to the device).
+            pipe = load_pipeline(
+                path, DTYPES[config.model.dtype], memory.CPU if memory.places_components(config) else device, skip
+            )
         else:
+            device = pipe.transformer.device  # a pipeline passed in runs where it is
             cls = ADAPTERS.get(type(pipe).__name__)  # type: ignore[assignment]
             if cls is None:
                 raise InputError(f"no adapter for {type(pipe).__name__}")
@@ -149,6 +166,10 @@ class Engine:
                 parallelize_transformer(
                     module, self.adapter.sequence_plan, parallel.groups, config.parallel.attention_backend
                 )
+        # Weight sharding (FSDP2 over the sp group) and CPU offload, after the sequence-parallel hooks: FSDP2 keeps
+        # them (it swaps the module's class, not the instance).
+        placed = memory.place(pipe, self.adapter, config, None if parallel is None else parallel.groups, device)
+        self.offload, self.shard_reports = placed
         spec = self.adapter.spec
         self.spec = spec
 
@@ -195,13 +216,21 @@ class Engine:
         image = _load_image(requests[0].image) if requests[0].image else None
         negatives = [r.negative_prompt if r.negative_prompt is not None else s.negative_prompt for r in requests]
         par = self.parallel
+        offload = self.offload
         t0 = time.perf_counter()
-        if par is not None and config.parallel.text_encoder == "rank0":
-            # Rank 0 encodes; every rank receives the same tensors (bit-identical to encoding everywhere).
+        rank0_encodes = par is not None and config.parallel.text_encoder == "rank0"
+        if offload is not None and (not rank0_encodes or par is None or par.is_main):
+            offload.use(*memory.encode_components(adapter))  # on the device while encoding, off right after
+        if rank0_encodes:
+            # Rank 0 encodes; every rank receives the same tensors (bit-identical to encoding everywhere). The other
+            # ranks did not even load the encoders (memory.skipped_components).
+            assert par is not None
             mine = adapter.encode([r.prompt for r in requests], negatives, s, image, grid) if par.is_main else None
             conditioning = par.broadcast_conditioning(mine, adapter.device)
         else:
             conditioning = adapter.encode([r.prompt for r in requests], negatives, s, image, grid)
+        if offload is not None:
+            offload.release()
         timings["encode"] = time.perf_counter() - t0
 
         trace: list[StepTrace] = []
@@ -217,6 +246,8 @@ class Engine:
             if fault is not None and ctx.step == fault:
                 raise RuntimeError(f"injected fault at step {ctx.step} (DVG_FAULT_INJECT)")
             module, expert = adapter.transformer_for(timestep)
+            if offload is not None:
+                offload.use(expert)  # the expert that runs now on the device, the other one (MoE) off
             g = adapter.guidance_for(timestep, s)
             x_in = adapter.model_input(x, ctx, conditioning, grid)
             t = adapter.timestep_tensor(timestep, x.shape[0])
@@ -249,11 +280,15 @@ class Engine:
         for key, value in record.timings.items():
             timings[key] = value
 
+        if offload is not None:  # the transformers leave the device; the VAE comes on for the decode
+            offload.use(*(["vae"] if decode else []))
         frames = None
         if decode and main:  # only rank 0 decodes (the latent is whole and identical on every rank)
             t0 = time.perf_counter()
             frames = adapter.decode(latent)
             timings["decode"] = time.perf_counter() - t0
+        if offload is not None:
+            offload.release()
         timings["total"] = time.perf_counter() - t_total
         return Result(requests, latent, frames, record, timings, trace)
 
