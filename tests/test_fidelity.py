@@ -1,0 +1,128 @@
+"""The fidelity harness (bench/fidelity.py): its metrics where the math fixes their values, and one end-to-end
+smoke run (2 captions, 8 steps) on the tiny Wan checkpoint: the JSON schema, PSNR(full, full) = inf,
+SSIM 1, and the contact sheet's size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dvg_dist.data import procedural
+
+pytest_plugins = ["conftest_tiny"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_fidelity():
+    spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "bench" / "fidelity.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+fid = _load_fidelity()
+
+
+def _video(value: float | np.ndarray, frames: int = 3, size: int = 16) -> np.ndarray:
+    return np.broadcast_to(np.asarray(value, dtype=np.uint8), (frames, size, size, 3)).copy()
+
+
+def test_psnr_identical_is_inf_and_constant_offset_is_exact():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 200, size=(3, 16, 16, 3), dtype=np.uint8)
+    assert fid.psnr(a, a) == math.inf
+    assert fid.as_json_number(fid.psnr(a, a)) == "inf"
+    for offset in (1, 5, 50):
+        assert fid.psnr(a + np.uint8(offset), a) == pytest.approx(20 * math.log10(255 / offset), abs=1e-12)
+
+
+def test_ssim_identical_is_one_and_constant_frames_follow_the_formula():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, size=(4, 24, 24, 3), dtype=np.uint8)
+    assert fid.ssim(a, a) == 1.0
+    # Constant frames have no variance: SSIM = (2xy + C1) / (x² + y² + C1) on the luma values x, y.
+    x, y = 100.0, 140.0
+    c1 = (0.01 * 255) ** 2
+    assert fid.ssim(_video(x), _video(y)) == pytest.approx((2 * x * y + c1) / (x * x + y * y + c1), abs=1e-12)
+    # Luma is BT.601: pure red at 200 has Y = 0.299·200.
+    red = _video(np.array([200, 0, 0]))
+    assert fid.ssim(red, _video(0.299 * 200)) == pytest.approx(1.0, abs=1e-4)  # uint8 rounding of 59.8
+    noisy = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+    assert 0.0 < fid.ssim(noisy, a) < 1.0
+    with pytest.raises(ValueError, match="at least 11x11"):
+        fid.ssim(_video(0, size=8), _video(0, size=8))
+
+
+def test_centroids_recover_the_datasets_ground_truth_trajectory():
+    for caption in procedural.held_out_captions(3):  # one texture, one motion, one mix clip
+        params = procedural.parse_caption(caption)
+        clip = procedural.make_clip(params, 17, 64, 64)
+        found = fid.centroids(clip.frames, procedural.COLOURS[params.colour], tol=80.0)
+        assert np.isfinite(found).all(), caption
+        err = fid.trajectory_error(found, clip.trajectory.astype(np.float64))
+        assert err is not None and err < 0.5, f"{caption}: centroid off the ground truth by {err:.3f} px"
+    missing = np.full((4, 2), np.nan)
+    assert fid.trajectory_error(missing, np.zeros((4, 2))) is None
+    assert fid.trajectory_error(np.array([[0.0, 0.0], [3.0, 4.0]]), np.zeros((2, 2))) == pytest.approx(2.5)
+
+
+def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "fidelity.json"
+    argv = ["--smoke", "--config", str(ROOT / "configs" / "tiny-wan.yaml"), "--model", str(tiny_checkpoint("wan"))]
+    assert fid.main([*argv, "--out", str(out), "--no-progress"]) == 0
+    assert "planner split" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+
+    assert set(data) >= {"config", "machine", "clips", "runs", "summary", "planner_split", "goals", "timings"}
+    assert data["config"]["budgets"] == [0.5, 0.6] and data["config"]["steps"] == 8
+    assert [c["kind"] for c in data["clips"]] == ["texture", "motion"]
+    modes = ["full", "dvg", "spatial-only", "temporal-only", "fixed", "random-renoise"]
+    assert data["config"]["modes"] == modes
+    runs = data["runs"]
+    assert len(runs) == 2 * (1 + 2 * 5)
+    row_keys = {"clip", "caption", "kind", "seed", "mode", "budget", "s", "t23", "r", "density", "psnr", "ssim"}
+    for r in runs:
+        assert set(r) >= row_keys | {"identical", "motion_err_vs_full", "motion_err_vs_gt", "object_found"}
+        if r["mode"] == "full":
+            assert r["psnr"] == "inf" and r["ssim"] == 1.0 and r["identical"], r
+            assert r["budget"] is None and r["density"] == 1.0
+        else:
+            assert isinstance(r["psnr"], float) and 0 < r["psnr"] < 100 and -1 <= r["ssim"] < 1, r
+            assert abs(r["density"] - r["budget"]) <= 0.02 + 1e-9 or r.get("relaxed"), r
+    for r in runs:
+        if r["mode"] == "fixed":  # one content-independent action per budget
+            assert [r["s"], r["t23"]] == r["fixed_action"]
+    for mode in ("dvg", "random-renoise"):
+        assert all(r["demands"] is not None for r in runs if r["mode"] == mode)
+
+    summary = {(s["mode"], s["budget"], s["kind"]): s for s in data["summary"]}
+    assert summary[("full", None, "all")]["psnr"] == "inf"
+    assert set(summary) >= {(m, b, k) for m in modes[1:] for b in (0.5, 0.6) for k in ("all", "texture", "motion")}
+    for budget in ("0.5", "0.6"):
+        assert set(data["planner_split"][budget]) == {"texture", "motion"}
+        assert {"s_mean", "r_mean", "D_s_mean", "D_t_mean", "actions"} <= set(data["planner_split"][budget]["motion"])
+    assert {"dvg_psnr_at_0.5_ge_25dB", "dvg_ge_each_ablation", "planner_split"} <= set(data["goals"])
+
+    sheet = Path(data["contact_sheet"]["path"])
+    assert sheet == tmp_path / "fidelity_contact.png"
+    # 2 clips × (dataset render + full + 5 ablations) rows of 6 frames, 64 px shown at 128 px.
+    expected = fid.sheet_size(2, 7, fid.SHEET_FRAMES, 128, 128)
+    assert Image.open(sheet).size == expected == tuple(data["contact_sheet"]["size"])
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        fid.parse_args(["--budgets", "0.5,1.5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fidelity.py: error: budgets must be in (0, 1]") and "\n" not in err
