@@ -47,6 +47,14 @@ class ModelConfig:
     """cuda, cpu, cuda:N, or auto (cuda when available)."""
     vae_tiling: bool = True
     """Decode with the VAE's tiled decoder where diffusers offers one (bounded memory at 720p)."""
+    vae_tile_size: int = 256
+    """Tiled decode: tile edge in pixels (diffusers' 256), a multiple of the VAE's spatial compression."""
+    vae_tile_stride: int = 192
+    """Tiled decode: pixels between tile starts (diffusers' 192); neighbours overlap by size - stride, blended."""
+    vae_tile_frames: int = 16
+    """Temporal chunk in pixel frames where the VAE tiles time (HunyuanVideo; diffusers' 16)."""
+    vae_tile_frame_stride: int = 12
+    """Pixel frames between temporal chunks (diffusers' 12); chunks overlap by frames - frame_stride, blended."""
     latent_channels: int = 16
     patch: tuple[int, int, int] = (1, 2, 2)
     """Transformer patch (pt, ph, pw)."""
@@ -76,6 +84,15 @@ class ModelConfig:
             raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.latent_channels < 1 or self.spatial_multiple < 1:
             raise ConfigError("model.latent_channels and model.spatial_multiple must be >= 1")
+        if not 0 < self.vae_tile_stride <= self.vae_tile_size:
+            raise ConfigError(
+                f"model.vae_tile_stride must be in (0, vae_tile_size {self.vae_tile_size}]; got {self.vae_tile_stride}"
+            )
+        if not 0 < self.vae_tile_frame_stride <= self.vae_tile_frames:
+            raise ConfigError(
+                f"model.vae_tile_frame_stride must be in (0, vae_tile_frames {self.vae_tile_frames}]; "
+                f"got {self.vae_tile_frame_stride}"
+            )
         if self.cost_model != "auto" and self.cost_model not in COST_PRESETS:
             choices = ", ".join(["auto", *sorted(COST_PRESETS)])
             raise ConfigError(f"model.cost_model must be one of {choices}; got {self.cost_model!r}")

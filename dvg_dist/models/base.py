@@ -227,6 +227,11 @@ class Adapter(ABC):
         z = self.vae_input(latents.to(vae.device, vae.dtype))
         with torch.no_grad():
             video = vae.decode(z, return_dict=False)[0]
+        return self.postprocess(video)
+
+    def postprocess(self, video: torch.Tensor) -> np.ndarray:
+        """The VAE's video ``[B, 3, F, H, W]`` → uint8 frames ``[B, F, H, W, 3]`` with the pipeline's own
+        ``video_processor.postprocess_video`` (tiled and distributed decodes in ``runtime/vae.py`` end here too)."""
         frames = self.pipe.video_processor.postprocess_video(video, output_type="np")
         return (np.clip(np.asarray(frames), 0.0, 1.0) * 255.0).round().astype(np.uint8)
 

@@ -283,9 +283,14 @@ class Engine:
         if offload is not None:  # the transformers leave the device; the VAE comes on for the decode
             offload.use(*(["vae"] if decode else []))
         frames = None
-        if decode and main:  # only rank 0 decodes (the latent is whole and identical on every rank)
+        # Every rank holds the same final latent. With vae_parallel, all ranks decode their share of the tiles /
+        # frame chunks and rank 0 blends them; otherwise rank 0 decodes alone. Tiled per model.vae_tiling.
+        split = par is not None and config.parallel.vae_parallel
+        if decode and (main or split):
+            from .vae import TileSettings, decode_latent
+
             t0 = time.perf_counter()
-            frames = adapter.decode(latent)
+            frames = decode_latent(adapter, latent, tiling=TileSettings.from_config(config.model), parallel=split)
             timings["decode"] = time.perf_counter() - t0
         if offload is not None:
             offload.release()
