@@ -21,8 +21,8 @@ pytest_plugins = ["conftest_tiny"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_fidelity():
-    spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "bench" / "fidelity.py")
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / file)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up by name
@@ -30,7 +30,8 @@ def _load_fidelity():
     return module
 
 
-fid = _load_fidelity()
+video = _load("bench_video", "_video.py")
+fid = _load("bench_fidelity", "fidelity.py")
 
 
 def _video(value: float | np.ndarray, frames: int = 3, size: int = 16) -> np.ndarray:
@@ -40,40 +41,40 @@ def _video(value: float | np.ndarray, frames: int = 3, size: int = 16) -> np.nda
 def test_psnr_identical_is_inf_and_constant_offset_is_exact():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 200, size=(3, 16, 16, 3), dtype=np.uint8)
-    assert fid.psnr(a, a) == math.inf
-    assert fid.as_json_number(fid.psnr(a, a)) == "inf"
+    assert video.psnr(a, a) == math.inf
+    assert video.as_json_number(video.psnr(a, a)) == "inf"
     for offset in (1, 5, 50):
-        assert fid.psnr(a + np.uint8(offset), a) == pytest.approx(20 * math.log10(255 / offset), abs=1e-12)
+        assert video.psnr(a + np.uint8(offset), a) == pytest.approx(20 * math.log10(255 / offset), abs=1e-12)
 
 
 def test_ssim_identical_is_one_and_constant_frames_follow_the_formula():
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, size=(4, 24, 24, 3), dtype=np.uint8)
-    assert fid.ssim(a, a) == 1.0
+    assert video.ssim(a, a) == 1.0
     # Constant frames have no variance: SSIM = (2xy + C1) / (x² + y² + C1) on the luma values x, y.
     x, y = 100.0, 140.0
     c1 = (0.01 * 255) ** 2
-    assert fid.ssim(_video(x), _video(y)) == pytest.approx((2 * x * y + c1) / (x * x + y * y + c1), abs=1e-12)
+    assert video.ssim(_video(x), _video(y)) == pytest.approx((2 * x * y + c1) / (x * x + y * y + c1), abs=1e-12)
     # Luma is BT.601: pure red at 200 has Y = 0.299·200.
     red = _video(np.array([200, 0, 0]))
-    assert fid.ssim(red, _video(0.299 * 200)) == pytest.approx(1.0, abs=1e-4)  # uint8 rounding of 59.8
+    assert video.ssim(red, _video(0.299 * 200)) == pytest.approx(1.0, abs=1e-4)  # uint8 rounding of 59.8
     noisy = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
-    assert 0.0 < fid.ssim(noisy, a) < 1.0
+    assert 0.0 < video.ssim(noisy, a) < 1.0
     with pytest.raises(ValueError, match="at least 11x11"):
-        fid.ssim(_video(0, size=8), _video(0, size=8))
+        video.ssim(_video(0, size=8), _video(0, size=8))
 
 
 def test_centroids_recover_the_datasets_ground_truth_trajectory():
     for caption in procedural.held_out_captions(3):  # one texture, one motion, one mix clip
         params = procedural.parse_caption(caption)
         clip = procedural.make_clip(params, 17, 64, 64)
-        found = fid.centroids(clip.frames, procedural.COLOURS[params.colour], tol=80.0)
+        found = video.centroids(clip.frames, procedural.COLOURS[params.colour], tol=80.0)
         assert np.isfinite(found).all(), caption
-        err = fid.trajectory_error(found, clip.trajectory.astype(np.float64))
+        err = video.trajectory_error(found, clip.trajectory.astype(np.float64))
         assert err is not None and err < 0.5, f"{caption}: centroid off the ground truth by {err:.3f} px"
     missing = np.full((4, 2), np.nan)
-    assert fid.trajectory_error(missing, np.zeros((4, 2))) is None
-    assert fid.trajectory_error(np.array([[0.0, 0.0], [3.0, 4.0]]), np.zeros((2, 2))) == pytest.approx(2.5)
+    assert video.trajectory_error(missing, np.zeros((4, 2))) is None
+    assert video.trajectory_error(np.array([[0.0, 0.0], [3.0, 4.0]]), np.zeros((2, 2))) == pytest.approx(2.5)
 
 
 def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
@@ -116,7 +117,7 @@ def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
     sheet = Path(data["contact_sheet"]["path"])
     assert sheet == tmp_path / "fidelity_contact.png"
     # 2 clips × (dataset render + full + 5 ablations) rows of 6 frames, 64 px shown at 128 px.
-    expected = fid.sheet_size(2, 7, fid.SHEET_FRAMES, 128, 128)
+    expected = video.sheet_size(2, 7, video.SHEET_FRAMES, 128, 128)
     assert Image.open(sheet).size == expected == tuple(data["contact_sheet"]["size"])
 
 
