@@ -195,6 +195,7 @@ def test_shard_weights_over_two_ranks_keeps_the_latent_and_halves_the_parameters
             f"differs by {_rel(r['aligned_sharded'], r['aligned_plain']):.2e}"
         )
         rel_off = _rel(r["sharded_offload"], r["plain"])
+        print(f"rank {rank}: sharded + offload vs plain relative max diff {rel_off:.2e}")
         assert rel_off < TOL, f"rank {rank}: sharded + offload differs by {rel_off:.2e}"
         assert r["fsdp"] and r["sp_attention_calls"] > 0, "FSDP2 must wrap both experts and keep the sp hooks"
         assert set(r["reports"]) == {"transformer", "transformer_2"}, "both experts of the MoE are sharded"
@@ -270,3 +271,38 @@ def test_text_encoder_on_rank0_only_is_not_loaded_elsewhere_and_keeps_the_latent
     assert r0["moves"] == [("image_encoder", "on"), ("text_encoder", "on"), ("image_encoder", "off"),
                            ("text_encoder", "off")], r0["moves"]  # fmt: skip
     assert r1["moves"] is None
+
+
+def _family_job(rank: int, world: int, checkpoints: dict[str, str]) -> dict[str, Any]:
+    """Each family's transformer(s): sequence-parallel output, then sharded in place, same inputs."""
+    from test_parallel_models import FAMILIES, _inputs, _load
+
+    from dvg_dist.parallel import ParallelLayout, build_groups
+    from dvg_dist.parallel.hooks import parallelize_transformer
+
+    groups = build_groups(ParallelLayout(world, world, 1))
+    out = {}
+    for family, path in checkpoints.items():
+        plan, subs, grids = FAMILIES[family]
+        for sub in subs:
+            model = _load(family, path, sub)
+            parallelize_transformer(model, plan, groups)
+            kwargs = _inputs(family, model, grids[0], 0)
+            with torch.no_grad():
+                ref = model(**kwargs)[0]
+                report = memory.shard_transformer(model, groups, torch.device("cpu"))
+                sharded = model(**kwargs)[0]
+            out[f"{family}/{sub}"] = (_rel(sharded, ref), report)
+    return out
+
+
+@pytest.mark.slow
+def test_shard_transformer_every_family(tiny_checkpoint):
+    checkpoints = {family: str(tiny_checkpoint(family)) for family in ("wan-i2v", "hunyuan", "hunyuan15")}
+    results = run_distributed(_family_job, 2, checkpoints, timeout=300)
+    for name, (rel, report) in results[0].items():
+        after = [r[name][1].params_after for r in results]
+        print(f"{name}: {report.blocks} blocks + root, parameters {report.params_before} -> per rank {after}, "
+              f"relative max diff {rel:.2e}")  # fmt: skip
+        assert rel < TOL, f"{name}: sharded output differs from the unsharded one by {rel:.2e}"
+        assert report.blocks > 0 and sum(after) == report.params_before, f"{name}: {after} vs {report}"

@@ -121,9 +121,10 @@ def place(
     if offload is not None:
         where = "the compute device is the CPU: nothing moves" if device.type == "cpu" else f"each moved to {device}"
         logger.info("CPU offload: %s kept on the CPU (%s while it runs)", ", ".join(sorted(names)), where)
-    for name, module in modules(pipe).items():
-        if name not in names and not is_sharded(module):
-            module.to(device)
+    if places_components(config):  # loaded on the CPU: the rest goes to the device (else it already is there)
+        for name, module in modules(pipe).items():
+            if name not in names and not is_sharded(module):
+                module.to(device)
     adapter.execution_device = device
     return offload, reports
 
@@ -276,11 +277,15 @@ def _rss_kib(field_name: str) -> int | None:
 
 def peak_memory(device: torch.device | str | None = None) -> int:
     """Peak bytes since the last :func:`reset_peak_memory`: ``torch.cuda.max_memory_allocated`` on a CUDA device
-    (``None``: the current one when CUDA is available), else this process's resident-set high-water mark
-    (``getrusage`` ``ru_maxrss``; since process start where the reset is not possible)."""
+    (``None``: the current one when CUDA is available), else this process's resident-set high-water mark:
+    ``VmHWM`` of ``/proc/self/status`` (Linux; ``getrusage``'s ``ru_maxrss`` can lag the current RSS, it is updated
+    lazily), else ``ru_maxrss``; since process start where the reset is not possible."""
     cuda = _on_cuda(device)
     if cuda is not None:
         return int(torch.cuda.max_memory_allocated(cuda))
+    hwm = _rss_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # macOS reports bytes, Linux KiB
 
