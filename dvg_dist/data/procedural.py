@@ -22,7 +22,7 @@ Caption grammar (fixed; :func:`parse_caption` inverts :func:`caption_of` exactly
     SPEED      := slowly | quickly
     DIRECTION  := left | right | up | down | up-left | up-right | down-left | down-right
     SCALE      := fine | coarse          (cells of 4 or 8 px at 64 px, scaled with the frame)
-    PATTERN    := checkered | striped    (striped = 45° diagonal stripes)
+    PATTERN    := checkered | striped    (striped = vertical stripes)
 
 e.g. ``a red disc moving quickly left over a plain black background`` (motion) or ``a white square moving
 slowly up-right over a fine blue and yellow checkered background`` (texture). The object's colour differs from
@@ -206,8 +206,8 @@ def _background(p: ClipParams, height: int, width: int) -> np.ndarray:
     j = np.arange(width)[None, :]
     if p.pattern == "checkered":
         second = (i // cell + j // cell) % 2 == 1
-    else:  # 45° stripes, cell pixels wide along each axis
-        second = ((i + j) // cell) % 2 == 1
+    else:  # vertical stripes, cell pixels wide
+        second = np.broadcast_to((j // cell) % 2 == 1, (height, width))
     return np.where(second[..., None], colours[1], colours[0]).astype(np.float32)
 
 
