@@ -276,6 +276,8 @@ def summarise(rows: list[dict[str, Any]], budgets: list[float]) -> list[dict[str
                     "ssim": _mean([r["ssim"] for r in sel]),
                     "motion_err_vs_full": _mean([r["motion_err_vs_full"] for r in sel]),
                     "motion_err_vs_gt": _mean([r["motion_err_vs_gt"] for r in sel]),
+                    "object_found": _mean([r["object_found"] for r in sel]),
+                    "seconds": _mean([r["seconds"] for r in sel]),
                     "relaxed": any(r.get("relaxed", False) for r in sel),
                 }
             )
@@ -360,6 +362,7 @@ def table(summary: list[dict[str, Any]], split: dict[str, Any]) -> str:
     """The stdout report: every mode × budget on all clips, then per kind, then the planner's split."""
     lines = [
         f"{'mode':<15}{'budget':>7}{'n':>5}{'density':>9}{'PSNR dB':>9}{'SSIM':>8}{'motion px':>11}{'vs GT px':>10}"
+        f"{'found':>7}"
     ]
     for s in summary:
         if s["kind"] != "all":
@@ -369,7 +372,7 @@ def table(summary: list[dict[str, Any]], split: dict[str, Any]) -> str:
         lines.append(
             f"{s['mode'] + mark:<15}{budget:>7}{s['n']:>5}{_fmt(s['density'], '.3f', 9)}{_fmt(s['psnr'], '.2f', 9)}"
             f"{_fmt(s['ssim'], '.4f', 8)}{_fmt(s['motion_err_vs_full'], '.2f', 11)}"
-            f"{_fmt(s['motion_err_vs_gt'], '.2f', 10)}"
+            f"{_fmt(s['motion_err_vs_gt'], '.2f', 10)}{_fmt(s['object_found'], '.2f', 7)}"
         )
     if any(s["relaxed"] for s in summary):
         lines.append("* no action within δ of the budget: ran at the nearest reachable density (see the density)")
@@ -445,6 +448,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity.json"))
     p.add_argument("--smoke", action="store_true", help="2 captions, 8 steps: a quick end-to-end check")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -454,8 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--seeds and --budgets must be comma-separated numbers; got {args.seeds!r}, {args.budgets!r}")
     if args.smoke:
         args.captions, args.steps = 2, args.steps or 8
-    if args.captions < 2 or args.batch < 1:
-        p.error("need --captions >= 2 (one of each kind) and --batch >= 1")
+    if args.captions < 2 or args.batch < 1 or args.threads < 1:
+        p.error("need --captions >= 2 (one of each kind), --batch >= 1 and --threads >= 1")
     if not all(0 < b <= 1 for b in args.budget_list):
         p.error(f"budgets must be in (0, 1]; got {args.budgets}")
     if args.config is None:
@@ -536,7 +540,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     from dvg_dist.runtime.cli import setup_logging
 
     setup_logging()
