@@ -319,10 +319,21 @@ def make_plan(scheme: _Scheme, latent_shape: tuple[int, ...]) -> DecodePlan:
 # -- blending, streamed ---------------------------------------------------------------------------------------------
 
 
+def _tail(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """A copy of the last ``n`` entries of ``x`` along ``dim`` (all of them when shorter; none when ``n`` is 0).
+
+    diffusers' ``blend_v`` / ``blend_h`` / ``blend_t`` read only the last ``min(len(a), len(b), extent)`` entries of
+    the tile before, and take that min over ``a``'s length too — so passing this tail instead of the whole tile gives
+    the same values while the rest of the tile is freed."""
+    size = x.shape[dim]
+    return x.narrow(dim, size - min(n, size), min(n, size)).clone()
+
+
 class _SpatialBlender:
     """diffusers' ``tiled_decode`` blend loop fed one raw tile at a time in row-major order. Blends are in place on
-    the incoming tile with the (already blended) tile above and to the left, as in diffusers; only the previous
-    row is kept, and each tile's kept ``stride × stride`` corner goes straight into the output."""
+    the incoming tile with the (already blended) tile above and to the left, as in diffusers. Kept between tiles:
+    only what later blends read (the bottom ``blend`` rows of the previous row's tiles, the right ``blend`` columns
+    of the tile to the left); each tile's ``stride × stride`` corner goes straight into the output."""
 
     def __init__(self, scheme: _Scheme, plan: DecodePlan) -> None:
         self.vae, self.cols = scheme.vae, plan.cols
@@ -331,8 +342,9 @@ class _SpatialBlender:
         self.keep = scheme.lat_stride * px
         _, _, _, height, width = plan.latent_shape
         self.out_hw = (height * px, width * px)
-        self.prev: list[torch.Tensor] = []
-        self.cur: list[torch.Tensor] = []
+        self.above: list[torch.Tensor] = []  # bottom strips of the previous row's tiles, blended
+        self.below: list[torch.Tensor] = []  # the same for this row, for the next one
+        self.left: torch.Tensor | None = None  # right strip of the tile to the left, blended
         self.out: torch.Tensor | None = None
         self.y = self.x = 0
 
@@ -340,10 +352,14 @@ class _SpatialBlender:
         """Blend ``tile``; returns the chunk's video once its last tile arrived."""
         i, j = unit.row, unit.col
         if i > 0:
-            tile = self.vae.blend_v(self.prev[j], tile, self.blend)
+            tile = self.vae.blend_v(self.above[j], tile, self.blend)
         if j > 0:
-            tile = self.vae.blend_h(self.cur[j - 1], tile, self.blend)
-        self.cur.append(tile)
+            assert self.left is not None
+            tile = self.vae.blend_h(self.left, tile, self.blend)
+        # Strips are taken after this tile's own blends (they modify its top rows and left columns, strips included)
+        # and nothing modifies the tile after: it is only ever the "a" of later blends.
+        self.below.append(_tail(tile, -2, self.blend))
+        self.left = _tail(tile, -1, self.blend)
         piece = tile[:, :, :, : self.keep, : self.keep]
         if self.out is None:
             self.out = tile.new_empty((*tile.shape[:3], *self.out_hw))
@@ -354,7 +370,7 @@ class _SpatialBlender:
             if self.x != self.out_hw[1]:
                 raise RuntimeError(f"tile row {i} filled {self.x} of {self.out_hw[1]} columns")  # a scheduling bug
             self.y, self.x = self.y + ph, 0
-            self.prev, self.cur = self.cur, []
+            self.above, self.below = self.below, []
             if self.y == self.out_hw[0]:
                 return self.out
         return None
@@ -366,7 +382,7 @@ class _Assembler:
     def __init__(self, scheme: _Scheme, plan: DecodePlan) -> None:
         self.scheme, self.plan = scheme, plan
         self.blender: _SpatialBlender | None = None
-        self.prev: torch.Tensor | None = None  # the previous chunk, blended (HunyuanVideo's blend_t reads it)
+        self.prev: torch.Tensor | None = None  # the previous chunk's last frames, blended (what blend_t reads)
         self.out: torch.Tensor | None = None
         self.frame = 0
         self.video: torch.Tensor | None = None
@@ -402,7 +418,7 @@ class _Assembler:
         n = min(keep.shape[2], self.out.shape[2] - self.frame)
         self.out[:, :, self.frame : self.frame + n] = keep[:, :, :n]
         self.frame += n
-        self.prev = video
+        self.prev = _tail(video, 2, s.frames - s.frame_stride)
         if c == self.plan.chunks - 1:
             self.video, self.prev = self.out, None
 
