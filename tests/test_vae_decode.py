@@ -8,6 +8,8 @@ HunyuanVideo-1.5 3×3 tiles — 9 and 27 units, uneven over 2 ranks.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from distributed import run_distributed
 
 from dvg_dist.config import ConfigError, ModelConfig
 from dvg_dist.models import InputError
-from dvg_dist.runtime.vae import TileSettings, decode_video, make_plan, scheme_for
+from dvg_dist.runtime.vae import TileSettings, check_tiling, decode_video, make_plan, scheme_for
 
 pytest_plugins = ["conftest_tiny"]
 
@@ -165,10 +167,14 @@ def test_untiled_plan_is_one_unit_when_the_latent_fits_one_tile(vaes):
     ],
 )
 def test_invalid_tile_settings_are_refused_in_one_line(vaes, family, settings, message):
-    _, vae = vaes[family]
+    """At decode, and before any weight loads from the checkpoint's ``vae/config.json`` (``check_tiling``)."""
+    path, vae = vaes[family]
     with pytest.raises(InputError) as err:
         decode_video(vae, _latent(family), settings)
     assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_tiling(settings, json.loads((Path(path) / "vae" / "config.json").read_text()))
+    check_tiling(TileSettings(), json.loads((Path(path) / "vae" / "config.json").read_text()))  # defaults pass
 
 
 def test_invalid_tile_config_is_refused():

@@ -143,20 +143,27 @@ class _Scheme:
     """One diffusers VAE class's tiled decode, as data plus the calls diffusers makes per tile."""
 
     temporal = False
+    ratio_key = "spatial_compression_ratio"
+    """The VAE config key of its spatial compression."""
 
     def __init__(self, vae: Any, settings: TileSettings) -> None:
         self.vae = vae
         self.settings = settings
         self.ratio = int(vae.spatial_compression_ratio)
-        s = settings
-        if s.size < self.ratio or s.size % self.ratio:
+        self.t_ratio = int(getattr(vae, "temporal_compression_ratio", 4))
+        self.check(settings, self.ratio, self.t_ratio)
+
+    @classmethod
+    def check(cls, s: TileSettings, ratio: int, t_ratio: int) -> None:
+        """Refuse settings this VAE cannot tile exactly, in one line (the tile size only when tiling is on)."""
+        if not s.spatial:
+            return
+        if s.size < ratio or s.size % ratio:
             raise InputError(
-                f"VAE tile size {s.size} px must be a positive multiple of the VAE's spatial compression {self.ratio}"
+                f"VAE tile size {s.size} px must be a positive multiple of the VAE's spatial compression {ratio}"
             )
-        if not 0 < s.stride <= s.size or s.stride % self.ratio:
-            raise InputError(
-                f"VAE tile stride {s.stride} px must be a multiple of {self.ratio} in (0, tile size {s.size}]"
-            )
+        if not 0 < s.stride <= s.size or s.stride % ratio:
+            raise InputError(f"VAE tile stride {s.stride} px must be a multiple of {ratio} in (0, tile size {s.size}]")
 
     @property
     def lat_tile(self) -> int:
@@ -190,6 +197,8 @@ class _Scheme:
 class _WanScheme(_Scheme):
     """``AutoencoderKLWan``: tiles decoded one latent frame at a time through the causal feature cache; blending in
     the patchified space when ``patch_size`` is set (Wan 2.2 TI2V), then unpatchify and clamp."""
+
+    ratio_key = "scale_factor_spatial"
 
     def __init__(self, vae: Any, settings: TileSettings) -> None:
         super().__init__(vae, settings)
@@ -230,19 +239,16 @@ class _HunyuanVideoScheme(_Scheme):
 
     temporal = True
 
-    def __init__(self, vae: Any, settings: TileSettings) -> None:
-        super().__init__(vae, settings)
-        self.t_ratio = int(vae.temporal_compression_ratio)
-        s = settings
-        if s.frames < self.t_ratio or s.frames % self.t_ratio:
+    @classmethod
+    def check(cls, s: TileSettings, ratio: int, t_ratio: int) -> None:
+        super().check(s, ratio, t_ratio)
+        if s.frames < t_ratio or s.frames % t_ratio:
             raise InputError(
-                f"VAE tile frames {s.frames} must be a positive multiple of the VAE's temporal compression "
-                f"{self.t_ratio}"
+                f"VAE tile frames {s.frames} must be a positive multiple of the VAE's temporal compression {t_ratio}"
             )
-        if not 0 < s.frame_stride <= s.frames or s.frame_stride % self.t_ratio:
+        if not 0 < s.frame_stride <= s.frames or s.frame_stride % t_ratio:
             raise InputError(
-                f"VAE tile frame stride {s.frame_stride} must be a multiple of {self.t_ratio} in "
-                f"(0, tile frames {s.frames}]"
+                f"VAE tile frame stride {s.frame_stride} must be a multiple of {t_ratio} in (0, tile frames {s.frames}]"
             )
 
     def chunks(self, frames: int) -> list[tuple[int, int]]:
@@ -284,6 +290,15 @@ def _untiled(vae: Any) -> Iterator[None]:
         yield
     finally:
         vae.use_tiling = was
+
+
+def check_tiling(settings: TileSettings, vae_config: dict[str, Any]) -> None:
+    """Refuse tile settings the checkpoint's VAE cannot take, from its ``vae/config.json`` alone — so a bad
+    ``--set model.vae_tile_size`` fails before any weight loads, not after the denoising. Unknown VAE classes pass
+    (the decode then says it has no scheme)."""
+    cls = SCHEMES.get(str(vae_config.get("_class_name")))
+    if cls is not None:
+        cls.check(settings, int(vae_config[cls.ratio_key]), int(vae_config.get("temporal_compression_ratio", 4)))
 
 
 def scheme_for(vae: Any, settings: TileSettings) -> _Scheme:
