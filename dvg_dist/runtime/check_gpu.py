@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..config import DTYPES, ConfigError, load_config
+from ..config import ATTENTION_BACKENDS, DTYPES, ConfigError, load_config
 from ..dvg.planner import Grid, InfeasibleBudget, Planner
 from ..models import FAMILIES, FamilySpec, InputError
 from ..parallel import shard_sizes
@@ -282,6 +282,7 @@ class Check:
     world: int
     ulysses: int | None
     ring: int | None
+    attention_backend: str
     spec: FamilySpec
     grid: Grid
     planner: Planner
@@ -321,7 +322,7 @@ def run_rank(check: Check, rank: int = 0, world: int = 1, local_rank: int = 0) -
     if groups is not None:
         from ..parallel import parallelize_transformer
 
-        parallelize_transformer(model, FAMILIES[check.arch.family].sequence_plan, groups)
+        parallelize_transformer(model, FAMILIES[check.arch.family].sequence_plan, groups, check.attention_backend)
     cost = check.planner.cost_model
     stages = []
     for k, grid in enumerate(check.grids):
@@ -422,6 +423,7 @@ def _report(check: Check, model: Any, ranks: list[dict[str, Any]], memory_kind: 
         "device": check.device.type,
         "world_size": len(ranks),
         "layout": {"ulysses": layout.ulysses_degree, "ring": layout.ring_degree} if layout else None,
+        "attention_backend": check.attention_backend if layout else None,
         "latent": check.grid.as_list(),
         "patch": list(check.spec.patch),
         "steps": n,
@@ -470,7 +472,8 @@ def _bytes(n: float) -> str:
 def format_report(r: dict[str, Any]) -> str:
     lay = r["layout"]
     procs = f"{r['world_size']} process" + ("es" if r["world_size"] > 1 else "")
-    layout = f" (ulysses {lay['ulysses']} × ring {lay['ring']})" if lay else ""
+    backend = "" if r.get("attention_backend") in (None, "native") else f", {r['attention_backend']} attention"
+    layout = f" (ulysses {lay['ulysses']} × ring {lay['ring']}{backend})" if lay else ""
     p = r["plan"]
     lines = [
         f"{r['family']}: {r['class']}, hidden {r['hidden']} = {r['heads']} heads × {r['head_dim']}, ffn {r['ffn']}; "
@@ -517,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--device", default="auto", help="auto (cuda when available), cuda or cpu")
     _flag(p, "--ulysses_degree", "--ulysses_size", type=int, help="ranks in Ulysses (must divide the heads)")
     _flag(p, "--ring_degree", "--ring_size", type=int, help="ranks in ring attention")
+    _flag(p, "--attention_backend", choices=list(ATTENTION_BACKENDS), default="native",
+          help="sequence-parallel attention: native, xfuser (yunchang USP) or deepspeed (Ulysses)")  # fmt: skip
     _flag(p, "--seed", type=int, default=0)
     _flag(p, "--json", metavar="FILE", help="also write the report as JSON")
     return p
@@ -562,13 +567,18 @@ def prepare(args: argparse.Namespace, world: int, argv: list[str]) -> Check:
         from .distributed import resolve_layout
 
         resolve_layout(config, world, int(arch.config["num_attention_heads"]), False)
+    if world > 1:
+        from ..parallel.backends import check_backend_available
+
+        check_backend_available(args.attention_backend)
     s = config.sampling
     cost = adapter.cost_model_from_config(arch.config)
     planner = Planner(grid, s.steps, s.budget, config.dvg, spec.spatial_multiple, cost)
     chosen, _ = planner.choose(0.5)  # no sketch to read: equal demand weights
     return Check(
-        args.family, arch, layers, DTYPES[args.dtype], device, world, args.ulysses_degree, args.ring_degree, spec,
-        grid, planner, chosen.grids, chosen, args.steps_per_stage, args.text_len, args.seed, args.json, argv,
+        args.family, arch, layers, DTYPES[args.dtype], device, world, args.ulysses_degree, args.ring_degree,
+        args.attention_backend, spec, grid, planner, chosen.grids, chosen, args.steps_per_stage, args.text_len,
+        args.seed, args.json, argv,
     )  # fmt: skip
 
 
@@ -638,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     world = env_size if env_size > 1 else args.nproc
     try:
         check = prepare(args, world, argv)
-    except (ConfigError, InputError, InfeasibleBudget, ValueError) as e:
+    except (ConfigError, InputError, InfeasibleBudget, ValueError, ImportError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if env_size > 1:
