@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 TINY_WAN := build/tiny-wan
-PROMPT ?= a red ball rolling over green grass, slow motion
+DEMO_MODEL := models/dvg-demo-wan
+PROMPT ?= a red disc moving quickly right over a plain black background
 
-.PHONY: run plan test lint bench clean
+.PHONY: run demo-compare plan test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 $(TINY_WAN)/model_index.json: | $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) launch/make_tiny_checkpoint.py --family wan --out $(TINY_WAN) --overwrite
 
-# The main job: DVG on the tiny random-weight Wan checkpoint (built on first use), one video in out/.
-run: $(STAMP) $(TINY_WAN)/model_index.json
-	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --config configs/tiny-wan.yaml --prompt "$(PROMPT)" \
-		--mode dvg --budget 0.5 --out out --save-latent
+# The main job: DVG on the committed demo model (a small Wan trained here on procedural clips: launch/train_demo.py),
+# one video of a dataset-style caption in out/.
+run: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --config configs/demo-wan.yaml --model $(DEMO_MODEL) \
+		--prompt "$(PROMPT)" --mode dvg --budget 0.5 --out out --save-latent
+
+# DVG against the full run and the ablations on held-out captions of the demo model (bench/fidelity.py).
+demo-compare: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/fidelity.py --config configs/demo-wan.yaml
 
 # The planner alone, for a Wan-720p latent (words, then JSON).
 plan: $(STAMP)
