@@ -184,6 +184,24 @@ def test_invalid_tile_config_is_refused():
         ModelConfig(vae_tile_frames=8, vae_tile_frame_stride=0)
 
 
+def test_engine_validate_refuses_bad_tiles_before_any_weight(tiny_checkpoint):
+    """A tile size the checkpoint's VAE cannot take fails in ``validate`` (JSON only), not after the denoising."""
+    from dvg_dist.config import load_config
+    from dvg_dist.runtime.engine import Request, validate
+
+    path = str(tiny_checkpoint("wan"))
+    bad = load_config(
+        "configs/tiny-wan.yaml", [f"model.path={path}", "model.vae_tile_size=30", "model.vae_tile_stride=20"]
+    )
+    with pytest.raises(InputError, match="multiple of the VAE's spatial compression 8"):
+        validate(bad, [Request("x")])
+    good = load_config(
+        "configs/tiny-wan.yaml", [f"model.path={path}", "model.vae_tile_size=32", "model.vae_tile_stride=24"]
+    )
+    grid = validate(good, [Request("x")])
+    assert (grid.t, grid.h, grid.w) == (5, 8, 8)
+
+
 def test_decode_latent_frames_equal_the_adapters_decode(tiny_checkpoint):
     """The engine's entry point: pipeline latent → uint8 frames, the adapter's scaling and postprocessing."""
     from diffusers import DiffusionPipeline

@@ -234,11 +234,3 @@ class Adapter(ABC):
         ``video_processor.postprocess_video`` (tiled and distributed decodes in ``runtime/vae.py`` end here too)."""
         frames = self.pipe.video_processor.postprocess_video(video, output_type="np")
         return (np.clip(np.asarray(frames), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-
-    def enable_vae_tiling(self) -> bool:
-        """Tiled decode where diffusers offers it; returns whether it is on."""
-        vae = self.pipe.vae
-        if hasattr(vae, "enable_tiling"):
-            vae.enable_tiling()
-            return True
-        return False

@@ -24,6 +24,7 @@ from ..models import ADAPTERS, Adapter, InputError, adapter_class, read_model_in
 from . import memory
 from .distributed import ParallelContext
 from .solver import DiffusersSolver, scheduler_shift, sigma_range
+from .vae import TileSettings, check_tiling
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def validate(config: Config, requests: list[Request]) -> Grid:
     cls = adapter_class(path)
     grid = full_grid(config, cls, path)
     spec = cls.read_spec(path)
+    check_tiling(TileSettings.from_config(config.model), cls.read_json_configs(path)[1])
     s = config.sampling
     if s.mode != Mode.FULL:
         cost = cost_model(config, cls, cls.read_json_configs(path)[0])
@@ -155,8 +157,6 @@ class Engine:
             if cls is None:
                 raise InputError(f"no adapter for {type(pipe).__name__}")
         self.adapter = cls(pipe)
-        if config.model.vae_tiling and self.adapter.enable_vae_tiling():
-            logger.debug("VAE tiled decoding on")
         if parallel is not None:
             from ..parallel import parallelize_transformer
 
