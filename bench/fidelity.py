@@ -5,8 +5,10 @@
 
 For each held-out caption and seed: the ``full`` run, and at every budget the ``dvg``, ``spatial-only``,
 ``temporal-only``, ``fixed`` and ``random-renoise`` runs, all decoded and compared with that caption's full
-video. One model load; modes whose plan does not depend on the video (full, the single-axis ablations, fixed)
-run in batches, dvg and random-renoise one video at a time (DVG plans per video; a batch pools the demands).
+video. For scale, ``full-reseed`` compares the full run at seed + 1000 with the one at the seed: two unrelated
+samples of the caption. One model load; modes whose plan does not depend on the video (full, the single-axis
+ablations, fixed) run in batches, dvg and random-renoise one video at a time (DVG plans per video; a batch pools
+the demands).
 
 Metrics (each video vs its full run, uint8 frames):
 - PSNR over all frames, pixels and RGB channels, peak 255. Identical videos give infinity, written to the
@@ -68,6 +70,10 @@ ABLATIONS = (Mode.DVG, Mode.SPATIAL_ONLY, Mode.TEMPORAL_ONLY, Mode.FIXED, Mode.R
 PER_VIDEO = (Mode.DVG, Mode.RANDOM_RENOISE)
 """Modes whose plan reads the video's own sketch: one video per call."""
 KINDS = procedural.KINDS
+FULL_RESEED = "full-reseed"
+RESEED = 1000
+"""``full-reseed`` rows: the full run at seed + RESEED against the full run at the seed — how far apart two
+samples of one caption are, the scale on which the other modes' distances read."""
 
 # -- held-out clips --------------------------------------------------------------------------------------
 
@@ -181,6 +187,8 @@ class Bench:
         cfg = self.setup.load(f"sampling.mode={Mode.FULL.value}")
         for group in _chunks(items, self.batch):
             self._generate(cfg, Mode.FULL, None, group, {}, bar)
+        for group in _chunks(items, self.batch):  # the scale of "unrelated": another sample of the same caption
+            self._generate(cfg, Mode.FULL, None, group, {}, bar, reseed=True)
         for budget in self.budgets:
             self.dvg_action: dict[tuple[int, int], list[float]] = {}
             for mode in ABLATIONS:
@@ -191,9 +199,19 @@ class Bench:
         return self.rows, self.kept
 
     def _generate(
-        self, cfg: Config, mode: Mode, budget: float | None, group: list[tuple[int, int]], note: dict, bar: Any
+        self,
+        cfg: Config,
+        mode: Mode,
+        budget: float | None,
+        group: list[tuple[int, int]],
+        note: dict,
+        bar: Any,
+        reseed: bool = False,
     ) -> None:
-        requests = [Request(self.clips[ci].caption, seed=seed) for ci, seed in group]
+        """Generate ``group`` (clip, seed) in one call and append a row per video. ``reseed``: the full run at
+        seed + ``RESEED``, compared with the full run at the seed (row mode ``full-reseed``)."""
+        offset = RESEED if reseed else 0
+        requests = [Request(self.clips[ci].caption, seed=seed + offset) for ci, seed in group]
         t0 = time.perf_counter()
         result = self.engine.generate(requests, config=cfg, progress=False)
         seconds = (time.perf_counter() - t0) / len(group)
@@ -203,10 +221,11 @@ class Bench:
         frames_total = plan["stages"][-1]["grid"][0]
         for k, (ci, seed) in enumerate(group):
             frames = result.frames[k]
-            if mode == Mode.FULL:
+            name = FULL_RESEED if reseed else mode.value
+            if mode == Mode.FULL and not reseed:
                 self.full[(ci, seed)] = frames
-            if (ci, seed) in self.sheet_picks:
-                self.kept[(ci, seed, mode.value, budget)] = frames
+            if (ci, seed) in self.sheet_picks and not reseed:
+                self.kept[(ci, seed, name, budget)] = frames
             action = [chosen["s"], chosen["t23"]]
             if mode == Mode.DVG:
                 self.dvg_action[(ci, seed)] = action
@@ -215,7 +234,7 @@ class Bench:
                 "caption": self.clips[ci].caption,
                 "kind": self.clips[ci].kind,
                 "seed": seed,
-                "mode": mode.value,
+                "mode": name,
                 "budget": budget,
                 "s": chosen["s"],
                 "t23": chosen["t23"],
@@ -224,7 +243,7 @@ class Bench:
                 "executed_density": chosen["executed_density"],
                 "flop_density": chosen["flop_density"],
                 "demands": plan["demands"] if mode in PER_VIDEO else None,
-                **note,
+                **({"sample_seed": seed + offset} if reseed else note),
                 **self._metrics(ci, seed, frames),
                 "seconds": seconds,
             }
@@ -258,7 +277,7 @@ def _mean(values: list[Any]) -> float | None:
 def summarise(rows: list[dict[str, Any]], budgets: list[float]) -> list[dict[str, Any]]:
     """Mean metrics per (mode, budget, kind), ``kind = "all"`` first; PSNR means are over dB values."""
     out = []
-    keys = [(Mode.FULL.value, None)] + [(m.value, b) for b in budgets for m in ABLATIONS]
+    keys = [(Mode.FULL.value, None), (FULL_RESEED, None)] + [(m.value, b) for b in budgets for m in ABLATIONS]
     for mode, budget in keys:
         mine = [r for r in rows if r["mode"] == mode and r["budget"] == budget]
         for kind in ("all", *KINDS):
@@ -486,7 +505,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(setup, engine, clips, args.seed_list, args.budget_list, args.batch, args.colour_tol, set(picks))
     from tqdm import tqdm
 
-    total = len(clips) * len(args.seed_list) * (1 + len(args.budget_list) * len(ABLATIONS))
+    total = len(clips) * len(args.seed_list) * (2 + len(args.budget_list) * len(ABLATIONS))
     with tqdm(total=total, unit="video", desc="fidelity", disable=args.no_progress) as bar:
         rows, kept = bench.run(bar)
     summary = summarise(rows, args.budget_list)
@@ -508,7 +527,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "captions": len(clips),
             "caption_source": "dvg_dist.data.procedural.held_out_captions",
             "caption_seed": args.caption_seed,
-            "modes": [Mode.FULL.value, *(m.value for m in ABLATIONS)],
+            "modes": [Mode.FULL.value, FULL_RESEED, *(m.value for m in ABLATIONS)],
+            "reseed_offset": RESEED,
             "batch": args.batch,
             "colour_tol": args.colour_tol,
             "fixed_rule": "per budget, the planner's match at w_s = w_t = 0.5 over the dvg feasible set",
@@ -540,16 +560,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     from dvg_dist.runtime.cli import setup_logging
 
     setup_logging()
-    logging.getLogger("dvg_dist").setLevel(logging.WARNING)
+    # Process-wide settings, put back afterwards (the test calls main in-process).
+    threads, dvg_log = torch.get_num_threads(), logging.getLogger("dvg_dist")
+    level = dvg_log.level
+    torch.set_num_threads(args.threads)
+    dvg_log.setLevel(logging.WARNING)  # per-video decision lines would drown the table
     try:
         result = run(args)
     except (ConfigError, InputError, InfeasibleBudget, FileNotFoundError, ValueError) as e:
         print(f"fidelity.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
+        dvg_log.setLevel(level)
     print(table(result["summary"], result["planner_split"]))
     print(f"\n{len(result['runs'])} videos in {result['timings']['total_s']:.0f} s; wrote {args.out} and "
           f"{result['contact_sheet']['path']}")  # fmt: skip

@@ -87,16 +87,18 @@ def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
     assert set(data) >= {"config", "machine", "clips", "runs", "summary", "planner_split", "goals", "timings"}
     assert data["config"]["budgets"] == [0.5, 0.6] and data["config"]["steps"] == 8
     assert [c["kind"] for c in data["clips"]] == ["texture", "motion"]
-    modes = ["full", "dvg", "spatial-only", "temporal-only", "fixed", "random-renoise"]
+    modes = ["full", "full-reseed", "dvg", "spatial-only", "temporal-only", "fixed", "random-renoise"]
     assert data["config"]["modes"] == modes
     runs = data["runs"]
-    assert len(runs) == 2 * (1 + 2 * 5)
+    assert len(runs) == 2 * (2 + 2 * 5)
     row_keys = {"clip", "caption", "kind", "seed", "mode", "budget", "s", "t23", "r", "density", "psnr", "ssim"}
     for r in runs:
         assert set(r) >= row_keys | {"identical", "motion_err_vs_full", "motion_err_vs_gt", "object_found"}
         if r["mode"] == "full":
             assert r["psnr"] == "inf" and r["ssim"] == 1.0 and r["identical"], r
             assert r["budget"] is None and r["density"] == 1.0
+        elif r["mode"] == "full-reseed":  # another sample: finite, not identical
+            assert r["sample_seed"] == r["seed"] + 1000 and isinstance(r["psnr"], float) and not r["identical"]
         else:
             assert isinstance(r["psnr"], float) and 0 < r["psnr"] < 100 and -1 <= r["ssim"] < 1, r
             assert abs(r["density"] - r["budget"]) <= 0.02 + 1e-9 or r.get("relaxed"), r
@@ -108,7 +110,7 @@ def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
 
     summary = {(s["mode"], s["budget"], s["kind"]): s for s in data["summary"]}
     assert summary[("full", None, "all")]["psnr"] == "inf"
-    assert set(summary) >= {(m, b, k) for m in modes[1:] for b in (0.5, 0.6) for k in ("all", "texture", "motion")}
+    assert set(summary) >= {(m, b, k) for m in modes[2:] for b in (0.5, 0.6) for k in ("all", "texture", "motion")}
     for budget in ("0.5", "0.6"):
         assert set(data["planner_split"][budget]) == {"texture", "motion"}
         assert {"s_mean", "r_mean", "D_s_mean", "D_t_mean", "actions"} <= set(data["planner_split"][budget]["motion"])
@@ -127,3 +129,13 @@ def test_bad_flags_are_one_line_errors(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fidelity.py: error: budgets must be in (0, 1]") and "\n" not in err
+
+
+def test_missing_model_is_a_one_line_error(tmp_path, capsys):
+    argv = ["--smoke", "--config", str(ROOT / "configs" / "tiny-wan.yaml"), "--model", str(tmp_path / "nowhere")]
+    assert fid.main([*argv, "--out", str(tmp_path / "f.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"fidelity.py: error: model not found: {tmp_path / 'nowhere'} (give a local diffusers pipeline directory)"
+    ]
+    assert not (tmp_path / "f.json").exists()
