@@ -8,7 +8,7 @@ TINY_WAN := build/tiny-wan
 DEMO_MODEL := models/dvg-demo-wan
 PROMPT ?= a red disc moving quickly right over a plain black background
 
-.PHONY: run demo-compare plan test lint bench clean
+.PHONY: run demo-compare fidelity plan test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ run: $(STAMP)
 # DVG against the full run and the ablations on held-out captions of the demo model (bench/fidelity.py).
 demo-compare: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/fidelity.py --config configs/demo-wan.yaml
+
+# The fidelity table and contact sheet (bench/results/fidelity.json, fidelity_contact.png): full vs dvg and its
+# ablations at budgets 0.5 and 0.6 on the demo model's 32 held-out captions.
+fidelity: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/fidelity.py --config configs/demo-wan.yaml --captions 32 --budgets 0.5,0.6
 
 # The planner alone, for a Wan-720p latent (words, then JSON).
 plan: $(STAMP)

@@ -102,9 +102,15 @@ def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
         else:
             assert isinstance(r["psnr"], float) and 0 < r["psnr"] < 100 and -1 <= r["ssim"] < 1, r
             assert abs(r["density"] - r["budget"]) <= 0.02 + 1e-9 or r.get("relaxed"), r
+    dvg = {(r["clip"], r["budget"]): r for r in runs if r["mode"] == "dvg"}
     for r in runs:
         if r["mode"] == "fixed":  # one content-independent action per budget
             assert [r["s"], r["t23"]] == r["fixed_action"]
+        if r["budget"] is not None and r["mode"] != "dvg":
+            mine = dvg[(r["clip"], r["budget"])]
+            assert r["same_plan_as_dvg"] == (r["grids"] == mine["grids"])
+            if r["same_plan_as_dvg"] and r["mode"] != "random-renoise":  # same computation, batched or alone
+                assert r["psnr"] == pytest.approx(mine["psnr"], abs=0.01), (r, mine)
     for mode in ("dvg", "random-renoise"):
         assert all(r["demands"] is not None for r in runs if r["mode"] == mode)
 
