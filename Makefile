@@ -25,14 +25,12 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --config configs/demo-wan.yaml --model $(DEMO_MODEL) \
 		--prompt "$(PROMPT)" --mode dvg --budget 0.5 --out out --save-latent
 
-# DVG against the full run and the ablations on held-out captions of the demo model (bench/fidelity.py).
-demo-compare: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) bench/fidelity.py --config configs/demo-wan.yaml
-
 # The fidelity table and contact sheet (bench/results/fidelity.json, fidelity_contact.png): full vs dvg and its
 # ablations at budgets 0.5 and 0.6 on the demo model's 32 held-out captions.
 fidelity: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/fidelity.py --config configs/demo-wan.yaml --captions 32 --budgets 0.5,0.6
+
+demo-compare: fidelity
 
 # The planner alone, for a Wan-720p latent (words, then JSON).
 plan: $(STAMP)
