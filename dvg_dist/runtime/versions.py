@@ -105,12 +105,10 @@ def check_versions() -> None:
 
 
 def attention_backends() -> dict[str, bool]:
-    """Sequence-parallel attention backends and whether each can run here (native always can)."""
-    return {
-        "native": True,
-        "xfuser": installed("yunchang") is not None,
-        "deepspeed": installed("deepspeed") is not None,
-    }
+    """Sequence-parallel attention backends and whether each one's package is installed (native always is)."""
+    from ..parallel.backends import EXTERNAL_BACKENDS, NATIVE
+
+    return {NATIVE: True, **{name: installed(module) is not None for name, (module, _) in EXTERNAL_BACKENDS.items()}}
 
 
 def version_report() -> str:
