@@ -54,14 +54,17 @@ class SequenceParallelState:
     groups: ParallelGroups
     num_tokens: int | None = None
     """Video tokens of the current forward (before splitting); None until the first split of the forward."""
-    calls: int = field(default=0)
-    """Parallel attention calls so far (tests check that the backend is actually used)."""
     attention: ExternalAttention | None = None
     """The configured external backend (``parallel.attention_backend``); None = native for every call."""
     served: Counter[str] = field(default_factory=Counter)
     """Calls served per backend name (``native`` includes the external backend's fallbacks)."""
     fallbacks: Counter[str] = field(default_factory=Counter)
     """Calls the external backend handed to native, per reason."""
+
+    @property
+    def calls(self) -> int:
+        """Parallel attention calls so far, whichever backend served them (tests check the backend is used)."""
+        return sum(self.served.values())
 
     @property
     def sp_size(self) -> int:
@@ -133,7 +136,6 @@ def _usp_backend(
             f"sequence-parallel attention: this rank holds {s_local} of {plan.num_tokens} video tokens, "
             f"got q {tuple(query.shape)}, k {tuple(key.shape)}"
         )
-    state.calls += 1
     if state.attention is not None:
         # Decided from what every rank knows identically (the global token count, heads, text length, mask
         # presence, dtype): a rank-local input here would split the ranks between two backends' collectives.
