@@ -34,6 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="dataset and initialisation seed")
     p.add_argument("--clips", type=int, default=800, help="distinct training clips")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--frames", type=int, default=TrainConfig.frames, help="pixel frames per clip (4k+1)")
+    p.add_argument("--steps", type=int, help="a fixed number of transformer steps instead of the time budget")
+    p.add_argument("--stage_fraction", type=float, default=TrainConfig.stage_fraction,
+                   help="share of batches at DVG's reduced stage grids (0: full size only)")  # fmt: skip
+    p.add_argument("--object_weight", type=float, default=TrainConfig.object_weight,
+                   help="extra loss weight on the object's latent pixels (0: plain MSE)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=TrainConfig.batch, help="clips per step")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (AdamW, cosine)")
+    p.add_argument("--device", default="cpu", help="where the transformer trains (cpu, cuda)")
     p.add_argument("--smoke", action="store_true", help="a few steps at toy sizes (tests)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -43,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: this torch build sees no CUDA device")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a directory")
@@ -51,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = smoke_config(out, args.seed)
             cfg.threads = args.threads
         else:
-            cfg = TrainConfig(out, minutes=args.minutes, seed=args.seed, clips=args.clips, threads=args.threads)
+            cfg = TrainConfig(
+                out, minutes=args.minutes, seed=args.seed, clips=args.clips, threads=args.threads,
+                frames=args.frames, steps=args.steps, stage_fraction=args.stage_fraction, device=args.device,
+                batch=args.batch, lr=args.lr, object_weight=args.object_weight,
+            )  # fmt: skip
         cfg.progress = not args.quiet
     except ValueError as err:
         parser.error(str(err))

@@ -220,6 +220,13 @@ def _coverage(p: ClipParams, cx: float, cy: float, radius: float, height: int, w
     return np.clip(radius + 0.5 - np.abs(x), 0.0, 1.0) * np.clip(radius + 0.5 - np.abs(y), 0.0, 1.0)
 
 
+def object_coverage(p: ClipParams, frames: int = 17, height: int = 64, width: int = 64) -> np.ndarray:
+    """float32 ``[F, H, W]``: the object's anti-aliased coverage per frame (the alpha :func:`make_clip` uses)."""
+    radius = OBJECT_RADIUS * min(height, width) / REFERENCE_SIZE
+    path = trajectory(p, frames, height, width)
+    return np.stack([_coverage(p, float(cx), float(cy), radius, height, width) for cx, cy in path]).astype(np.float32)
+
+
 def make_clip(p: ClipParams, frames: int = 17, height: int = 64, width: int = 64) -> Clip:
     """Render ``p`` at the given size: uint8 frames, the caption and the ground-truth trajectory."""
     if frames < 1 or height < 8 or width < 8:

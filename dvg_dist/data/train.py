@@ -4,12 +4,14 @@ The result is a plain diffusers ``WanPipeline`` directory (``AutoencoderKLWan`` 
 ``UMT5EncoderModel`` + a local word-level ``T5Tokenizer`` + ``UniPCMultistepScheduler`` in flow mode), so it
 loads and samples through the same ``from_pretrained`` → engine path as a real Wan checkpoint.
 
-Recipe (each choice is about a 2-core CPU and a ~25 minute budget):
+Recipe (each choice is about a 2-core CPU and a 30-minute budget):
 
 1. **VAE: a fixed, hand-set** ``AutoencoderKLWan`` (:func:`fixed_vae`), not a trained one. ``dim_mult=[1, 1, 1]``
-   with both down-sampling levels temporal compresses 4× in time and 4× in space, so 17 frames × 64×64
-   pixels give a 5 × 16 × 16 latent (320 transformer tokens at patch 1×2×2): room for DVG's stages (its
-   sketch is 3 × 8 × 8) at a size a CPU can train on; the standard Wan VAE (8× spatial) would leave 8×8. The
+   with both down-sampling levels temporal compresses 4× in time and 4× in space, so 33 frames × 64×64
+   pixels give a 9 × 16 × 16 latent (576 transformer tokens at patch 1×2×2): room for DVG's stages (at
+   budget 0.5 and 24 steps its sketch is 4 × 8 × 8 and five actions are feasible, s from 0.5 to 0.9 and T₂₃
+   from 4 to 6; 5 latent frames left two) at a size a CPU can train on; the standard Wan VAE (8× spatial)
+   would leave 8×8. The
    weights make the encoder the 4×4 mean of each pixel frame, the four frames of a latent frame side by side
    in ``z_dim = 12`` channels (RGB × 4 frames), and the decoder its exact inverse up to the pooling
    (nearest up-sampling): reconstruction = the 4×4 block mean, exact in time. Every residual branch and the
@@ -27,6 +29,13 @@ Recipe (each choice is about a 2-core CPU and a ~25 minute budget):
    to ``""`` 10% of the time, so classifier-free guidance works. The text encoder is tiny.py's UMT5 (d_model
    32, dropout off) with a word-level vocabulary over the caption grammar (one token per word), trained jointly.
    The EMA of the weights is saved.
+4. **At DVG's grids, not only the full one.** 75% of the batches are trained at one of the reduced grids DVG's
+   stages run at (:func:`stage_grids`: every grid of every action the planner keeps at budgets 0.30–0.95),
+   the clean latent resized there with the sampler's own ``resize``; 25% at the full grid. DVG runs 17 of its
+   24 steps at such grids, and a model trained only at the full size gets them wrong: the first demo model
+   (full size only) drew a white-on-black caption in orange-brown at the sketch's size, and its DVG runs
+   scored 9.9 / 20.8 / 10.2 dB (texture / motion / mix) against full where the same recipe with stage grids
+   scored 16.1 / 29.8 / 18.0 (GPU recipe check, 4.9 k steps, 17 frames; README "The demo model").
 
 Cross-attention padding: ``WanPipeline`` pads every prompt embedding with zeros to 512 tokens, and those
 padding tokens *are attended* (they all give one identical key/value). Training with 512 tokens would double
@@ -51,7 +60,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .procedural import COLOURS, DIRECTIONS, KINDS, SCALES, SHAPES, SPEEDS, make_clip, training_params
+from ..dvg.planner import Grid, InfeasibleBudget, Planner
+from ..dvg.resize import resize
+from .procedural import (
+    COLOURS,
+    DIRECTIONS,
+    KINDS,
+    SCALES,
+    SHAPES,
+    SPEEDS,
+    ClipParams,
+    make_clip,
+    object_coverage,
+    training_params,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +81,7 @@ META_FILE = "dvg_demo.json"
 """Training metadata written next to the pipeline."""
 TEXT_LENGTH = 512
 """WanPipeline's ``max_sequence_length``: prompt embeddings are zero-padded to this many tokens."""
-FRAMES, HEIGHT, WIDTH = 17, 64, 64
+FRAMES, HEIGHT, WIDTH = 33, 64, 64
 GROUPS = 4
 """Pixel frames per latent frame; each is one RGB group of the latent's channels."""
 Z_DIM = 3 * GROUPS
@@ -92,7 +114,8 @@ class TrainConfig:
 
     out: Path
     minutes: float = 25.0
-    """Total wall-clock budget: rendering and encoding the clips, then the transformer for the rest."""
+    """Total wall-clock budget: rendering and encoding the clips, then the transformer for the rest (also a cap
+    when ``steps`` is set)."""
     seed: int = 0
     """Dataset and initialisation seed."""
     clips: int = 800
@@ -102,6 +125,16 @@ class TrainConfig:
     lr: float = 1.5e-3
     cfg_dropout: float = 0.1
     ema: float = 0.995
+    object_weight: float = 8.0
+    """Extra loss weight on latent pixels the object covers (weight ``1 + object_weight·coverage``): the object is
+    ~4% of the pixels, and with a plain MSE a small model learns the backgrounds and never draws it."""
+    stage_fraction: float = 0.75
+    """Share of batches trained at one of DVG's reduced stage grids (:func:`stage_grids`) instead of the full
+    latent; 0 trains at the full size only."""
+    sample_steps: int = 24
+    """Denoising steps the stage grids are planned for (the demo config's)."""
+    device: str = "cpu"
+    """Where the transformer trains (``cuda`` to try a recipe quickly; the committed model is CPU-trained)."""
     threads: int = 2
     """torch CPU threads. On a CPU shared with other busy processes, 1 can be several times faster than 2
     (OpenMP threads spin-waiting on an oversubscribed core)."""
@@ -112,12 +145,16 @@ class TrainConfig:
     arch: Architecture = field(default_factory=Architecture)
 
     def __post_init__(self) -> None:
-        if self.minutes <= 0 or self.clips < 1 or self.batch < 1:
+        if self.minutes <= 0 or self.clips < 1 or self.batch < 1 or self.object_weight < 0:
             raise ValueError(
-                f"minutes, clips and batch must be positive; got {self.minutes}, {self.clips}, {self.batch}"
+                f"minutes, clips and batch must be positive and object_weight >= 0; got {self.minutes}, "
+                f"{self.clips}, {self.batch}, {self.object_weight}"
             )
-        if not 0 <= self.cfg_dropout < 1:
-            raise ValueError(f"cfg_dropout must be in [0, 1); got {self.cfg_dropout}")
+        if not 0 <= self.cfg_dropout < 1 or not 0 <= self.stage_fraction <= 1:
+            raise ValueError(
+                f"cfg_dropout must be in [0, 1) and stage_fraction in [0, 1]; got {self.cfg_dropout}, "
+                f"{self.stage_fraction}"
+            )
         if self.height % 4 or self.width % 4 or (self.frames - 1) % 4:
             raise ValueError("clips must be 4k+1 frames of a multiple of 4 pixels (the VAE's 4x4x4 grid)")
 
@@ -288,10 +325,42 @@ def encode_text(
     for b, row in enumerate(ids):
         input_ids[b, : len(row)] = torch.tensor(row)
     real = torch.arange(length)[None, :] < n[:, None]
-    states = text_encoder(input_ids, real.long()).last_hidden_state * real[..., None]
+    device = next(text_encoder.parameters()).device
+    states = text_encoder(input_ids.to(device), real.long().to(device)).last_hidden_state * real[..., None].to(device)
     copies = ((TEXT_LENGTH - n) / (length - n).clamp(min=1)).clamp(min=1e-30).log()
     bias = torch.where(real, torch.zeros(()), copies[:, None].float())[:, None, None, :]
-    return states, bias
+    return states, bias.to(device)
+
+
+def object_masks(params: list[ClipParams], frames: int, height: int, width: int) -> torch.Tensor:
+    """``[N, 1, T, H/4, W/4]`` share of each latent pixel the object covers, on the fixed VAE's grid: the 4×4
+    mean in space, the max over a latent frame's pixel frames (frame 0 alone, then groups of 4)."""
+    out = []
+    for p in params:
+        cov = torch.from_numpy(object_coverage(p, frames, height, width))
+        cov = F.avg_pool2d(cov[:, None], 4)[:, 0]  # [F, H/4, W/4]
+        rest = cov[1:].reshape(-1, GROUPS, *cov.shape[1:]).amax(1)
+        out.append(torch.cat([cov[:1], rest])[None])
+    return torch.stack(out)
+
+
+def stage_grids(full: Grid, steps: int, spatial_multiple: int = 2) -> list[Grid]:
+    """Every reduced grid a DVG stage can run at for this latent: the stage grids of every action the planner
+    keeps (dvg and both single-axis modes) at budgets 0.30, 0.35, …, 0.95, without the full grid. Training on
+    them is what lets the early stages work: a model only ever trained at the full size produces the wrong
+    colours at the sketch's size (seen on the first demo model)."""
+    from ..dvg.options import Mode
+
+    grids: set[Grid] = set()
+    for budget in np.arange(0.30, 0.951, 0.05):
+        planner = Planner(full, steps, float(round(budget, 2)), spatial_multiple=spatial_multiple)
+        for mode in (Mode.DVG, Mode.SPATIAL_ONLY, Mode.TEMPORAL_ONLY):
+            try:
+                grids.update(g for c in planner.feasible(mode) for g in c.grids)
+            except InfeasibleBudget:
+                continue
+    grids.discard(full)
+    return sorted(grids)
 
 
 # --- training phases ----------------------------------------------------------------------------------------
@@ -326,14 +395,26 @@ def encode_latents(vae: Any, videos: torch.Tensor, cfg: TrainConfig) -> tuple[to
 
 
 def train_transformer(parts: dict[str, Any], latents: torch.Tensor, captions: list[str], cfg: TrainConfig,
-                      seconds: float) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
-    """Rectified flow on the normalised latents, text encoder trained jointly; returns stats and EMA weights."""
+                      seconds: float, masks: torch.Tensor | None = None,
+                      ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
+    """Rectified flow on the normalised latents, text encoder trained jointly; returns stats and EMA weights.
+    ``masks`` (:func:`object_masks`) weight the loss by ``1 + cfg.object_weight·mask``."""
     transformer, text_encoder, tokenizer = parts["transformer"], parts["text_encoder"], parts["tokenizer"]
+    device = torch.device(cfg.device)
+    transformer.to(device)
+    text_encoder.to(device)
+    full = Grid(*latents.shape[2:])
+    grids = stage_grids(full, cfg.sample_steps) if cfg.stage_fraction > 0 else []
+    logger.info("training at the full latent %s and, in %.0f%% of batches, at one of DVG's %d stage grids: %s",
+                full, 100 * cfg.stage_fraction * bool(grids), len(grids), ", ".join(map(str, grids)))  # fmt: skip
     bias = install_padding_bias(transformer)
     modules = {"transformer": transformer, "text_encoder": text_encoder}
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
+    live = [t for m in modules.values() for t in m.state_dict().values()]
+    shadow = [t for d in ema.values() for t in d.values()]
+    floats = [i for i, t in enumerate(live) if t.dtype.is_floating_point]
     for m in modules.values():
         m.train()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -346,7 +427,7 @@ def train_transformer(parts: dict[str, Any], latents: torch.Tensor, captions: li
     while True:
         elapsed = time.perf_counter() - start
         progress = step / total if total else elapsed / seconds
-        if progress >= 1:
+        if progress >= 1 or elapsed >= seconds:  # with ``steps`` set, the time budget is still a cap
             break
         # Warm-up, then cosine decay to 10% over the budget (time-based when the budget is wall-clock).
         lr = cfg.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -356,35 +437,40 @@ def train_transformer(parts: dict[str, Any], latents: torch.Tensor, captions: li
         drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_dropout
         batch_captions = ["" if d else captions[int(i)] for i, d in zip(idx, drop)]
         x0 = latents[idx]
+        weight = torch.ones_like(x0[:, :1]) if masks is None else 1 + cfg.object_weight * masks[idx]
+        # A stage batch: the clean latent resized to the stage grid with the sampler's own resize, so the
+        # model learns what a reduced stage should produce — the full video, resized.
+        if grids and float(torch.rand((), generator=gen)) < cfg.stage_fraction:
+            grid = grids[int(torch.randint(len(grids), (), generator=gen))]
+            x0, weight = resize(x0, grid), resize(weight, grid)
         noise = torch.randn(x0.shape, generator=gen)
         u = torch.rand(cfg.batch, generator=gen)
         sigma = shift * u / (1 + (shift - 1) * u)
         s = sigma.view(-1, 1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
+        x_t = ((1 - s) * x0 + s * noise).to(device)
         states, bias.bias = encode_text(tokenizer, text_encoder, batch_captions)
-        v = transformer(x_t, sigma * 1000, states, return_dict=False)[0]
-        loss = F.mse_loss(v, noise - x0)
+        v = transformer(x_t, (sigma * 1000).to(device), states, return_dict=False)[0]
+        err = (v - (noise - x0).to(device)).pow(2)
+        weight = weight.to(device)
+        loss = (err * weight).mean() / weight.mean()
+        mse = err.detach().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(cfg.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, m in modules.items():
-                for n, t in m.state_dict().items():
-                    if t.dtype.is_floating_point:
-                        ema[k][n].lerp_(t, 1 - decay)
-                    else:
-                        ema[k][n].copy_(t)
-        losses.append(loss.item())
+        with torch.no_grad():  # state_dict tensors share storage with the live parameters and buffers
+            torch._foreach_lerp_([shadow[i] for i in floats], [live[i] for i in floats], 1 - decay)
+        losses.append(mse.item())  # the plain flow-matching MSE, comparable across weightings
         step += 1
         bar.update(1 if total else round(time.perf_counter() - start) - bar.n)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", step=step)
     bar.close()
     for m in modules.values():
-        m.eval()
+        m.eval().to("cpu")
+    ema = {k: {n: t.cpu() for n, t in d.items()} for k, d in ema.items()}
     transformer.set_attn_processor(type(bias.inner)())  # back to diffusers' own processor everywhere
-    stats = {"steps": step, "seconds": time.perf_counter() - start, "losses": losses}
+    stats = {"steps": step, "seconds": time.perf_counter() - start, "losses": losses, "stage_grids": grids}
     return stats, ema
 
 
@@ -422,8 +508,9 @@ def _train(cfg: TrainConfig) -> Path:
     parts["vae"].requires_grad_(False)
     latents, enc_stats = encode_latents(parts["vae"], videos, cfg)
     logger.info("fixed VAE: reconstruction PSNR %.1f dB on the first clips", enc_stats["recon_psnr_db"])
+    masks = object_masks(params, cfg.frames, cfg.height, cfg.width) if cfg.object_weight > 0 else None
     remaining = max(budget - (time.perf_counter() - t_start) - 15, 30)
-    tr_stats, ema = train_transformer(parts, latents, captions, cfg, remaining)
+    tr_stats, ema = train_transformer(parts, latents, captions, cfg, remaining, masks)
     parts["transformer"].load_state_dict(ema["transformer"])
     parts["text_encoder"].load_state_dict(ema["text_encoder"])
 
@@ -443,6 +530,8 @@ def _train(cfg: TrainConfig) -> Path:
         "batch": cfg.batch,
         "seconds": round(tr_stats["seconds"], 1),
         "loss_last200": round(float(np.mean(tr_stats["losses"][-200:])), 5),
+        "stage_grids": [str(g) for g in tr_stats["stage_grids"]],
+        "device": cfg.device,
         "curve": _curve(tr_stats["losses"]),
     }
     meta: dict[str, Any] = {
