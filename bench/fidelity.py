@@ -91,6 +91,8 @@ class HeldOut:
     """RGB of the moving object."""
     trajectory: np.ndarray
     """Ground-truth (x, y) centre of the object per frame ``[F, 2]``, in pixels."""
+    render: np.ndarray
+    """The dataset's own rendering of the caption ``[F, H, W, 3]`` uint8: what the caption describes."""
 
 
 def held_out_clips(n: int, seed: int | None, frames: int, width: int, height: int) -> list[HeldOut]:
@@ -101,8 +103,9 @@ def held_out_clips(n: int, seed: int | None, frames: int, width: int, height: in
     clips = []
     for caption in captions:
         params = procedural.parse_caption(caption)
-        truth = procedural.make_clip(params, frames, height, width).trajectory.astype(np.float64)
-        clips.append(HeldOut(caption, params.kind, procedural.COLOURS[params.colour], truth))
+        clip = procedural.make_clip(params, frames, height, width)
+        truth = clip.trajectory.astype(np.float64)
+        clips.append(HeldOut(caption, params.kind, procedural.COLOURS[params.colour], truth, clip.frames))
     return clips
 
 
@@ -266,6 +269,7 @@ class Bench:
             "object_found": float(np.isfinite(mine).all(axis=1).mean()),
             "motion_err_vs_full": trajectory_error(mine, centroids(ref, clip.colour, self.colour_tol)),
             "motion_err_vs_gt": trajectory_error(mine, clip.trajectory),
+            "psnr_vs_render": as_json_number(psnr(frames, clip.render)),
         }
 
 
@@ -299,6 +303,7 @@ def summarise(rows: list[dict[str, Any]], budgets: list[float]) -> list[dict[str
                     "motion_err_vs_full": _mean([r["motion_err_vs_full"] for r in sel]),
                     "motion_err_vs_gt": _mean([r["motion_err_vs_gt"] for r in sel]),
                     "object_found": _mean([r["object_found"] for r in sel]),
+                    "psnr_vs_render": as_json_number(_mean([r["psnr_vs_render"] for r in sel])),
                     "seconds": _mean([r["seconds"] for r in sel]),
                     "same_plan_as_dvg": _mean([r["same_plan_as_dvg"] for r in sel if "same_plan_as_dvg" in r]),
                     "relaxed": any(r.get("relaxed", False) for r in sel),
@@ -389,7 +394,7 @@ def table(summary: list[dict[str, Any]], split: dict[str, Any]) -> str:
     """The stdout report: every mode × budget on all clips, then per kind, then the planner's split."""
     lines = [
         f"{'mode':<15}{'budget':>7}{'n':>5}{'density':>9}{'PSNR dB':>9}{'SSIM':>8}{'motion px':>11}{'vs GT px':>10}"
-        f"{'found':>7}"
+        f"{'found':>7}{'vs render dB':>14}"
     ]
     for s in summary:
         if s["kind"] != "all":
@@ -400,6 +405,7 @@ def table(summary: list[dict[str, Any]], split: dict[str, Any]) -> str:
             f"{s['mode'] + mark:<15}{budget:>7}{s['n']:>5}{_fmt(s['density'], '.3f', 9)}{_fmt(s['psnr'], '.2f', 9)}"
             f"{_fmt(s['ssim'], '.4f', 8)}{_fmt(s['motion_err_vs_full'], '.2f', 11)}"
             f"{_fmt(s['motion_err_vs_gt'], '.2f', 10)}{_fmt(s['object_found'], '.2f', 7)}"
+            f"{_fmt(s['psnr_vs_render'], '.2f', 14)}"
         )
     if any(s["relaxed"] for s in summary):
         lines.append("* no action within δ of the budget: ran at the nearest reachable density (see the density)")
@@ -441,9 +447,7 @@ def sheet_blocks(
     blocks = []
     for ci, seed in picks:
         clip = clips[ci]
-        n_frames, height, width = next(iter(kept.values())).shape[:3]
-        render = procedural.make_clip(procedural.parse_caption(clip.caption), n_frames, height, width).frames
-        videos = [("dataset render\n(what the caption\ndescribes)", render)]
+        videos = [("dataset render\n(what the caption\ndescribes)", clip.render)]
         for mode, b in [(Mode.FULL.value, None)] + [(m.value, budget) for m in ABLATIONS]:
             row = next(r for r in rows if (r["clip"], r["seed"], r["mode"], r["budget"]) == (ci, seed, mode, b))
             name = mode if b is None else f"{mode} @{b:g}"

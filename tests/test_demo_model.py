@@ -25,16 +25,20 @@ from dvg_dist.data.train import (
     encode_text,
     fixed_vae,
     install_padding_bias,
+    object_masks,
     smoke_config,
+    stage_grids,
     train,
 )
+from dvg_dist.dvg.options import Mode
+from dvg_dist.dvg.planner import Grid, InfeasibleBudget, Planner
 from dvg_dist.runtime.engine import Engine, Request
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "dvg-demo-wan"
 REFERENCE = ROOT / "tests" / "data" / "demo_wan_full_seed0.png"
 CAPTION = "a red disc moving quickly right over a plain black background"
-REF_FRAMES = (0, 8, 16)
+REF_FRAMES = (0, 16, 32)
 REF_SETTINGS = ("sampling.mode=full", "sampling.steps=12")  # fewer steps than the config's 24: a fast test
 
 
@@ -44,14 +48,14 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def reference_strip(frames: np.ndarray) -> np.ndarray:
-    """Frames 0, 8 and 16 of a ``[F, H, W, 3]`` video side by side (the stored reference's layout)."""
+    """Frames 0, 16 and 32 of a ``[F, H, W, 3]`` video side by side (the stored reference's layout)."""
     return np.concatenate([frames[f] for f in REF_FRAMES], axis=1)
 
 
 def test_committed_model_reproduces_its_reference_frames():
     config = load_config(ROOT / "configs" / "demo-wan.yaml", [f"model.path={MODEL}", *REF_SETTINGS])
     result = Engine(config).generate([Request(CAPTION, seed=0)], progress=False)
-    assert result.frames is not None and result.frames.shape == (1, 17, 64, 64, 3)
+    assert result.frames is not None and result.frames.shape == (1, 33, 64, 64, 3)
     ours = reference_strip(result.frames[0])
     ref = np.asarray(Image.open(REFERENCE).convert("RGB"))
     psnr = _psnr(ours, ref)
@@ -104,7 +108,7 @@ def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
     assert type(pipe).__name__ == "WanPipeline"
     assert pipe.vae.config.scale_factor_spatial == 4 and len(pipe.vae.config.latents_mean) == 12
     meta = json.loads((out / META_FILE).read_text())
-    assert meta["transformer"]["steps"] == 3
+    assert meta["transformer"]["steps"] == 3 and meta["transformer"]["stage_grids"]
 
 
 @pytest.mark.parametrize("argv", [["--out", "x", "--minutes", "-1"], ["--minutes", "5"], ["--out", "x", "--bogus"]])
@@ -132,3 +136,36 @@ def test_fixed_vae_is_the_4x4_block_mean_exact_in_time():
     block_mean = pooled.repeat_interleave(4, 3).repeat_interleave(4, 4)
     err = float((rec - block_mean).abs().max())
     assert err < 5e-3, f"decode(encode(x)) differs from the 4x4 block mean by {err:.2e}"
+
+
+def test_training_covers_every_grid_dvg_runs_the_demo_model_at():
+    """The reduced grids trained on include every stage grid of every action DVG, spatial-only and
+    temporal-only keep at the harness's budgets, and never the full grid (trained on separately)."""
+    full = Grid(9, 16, 16)
+    grids = set(stage_grids(full, 24))
+    assert full not in grids
+    for budget in (0.5, 0.6):
+        planner = Planner(full, 24, budget, spatial_multiple=2)
+        for mode in (Mode.DVG, Mode.SPATIAL_ONLY, Mode.TEMPORAL_ONLY):
+            try:
+                feasible = planner.feasible(mode)
+            except InfeasibleBudget:  # e.g. temporal-only at 0.5: nothing within δ (the harness relaxes it)
+                assert mode != Mode.DVG
+                continue
+            for cand in feasible:
+                assert set(cand.grids) - {full} <= grids, (budget, mode, cand.grids)
+    assert Grid(4, 8, 8) in grids  # the sketch at budget 0.5
+
+
+def test_object_masks_sit_on_the_object_in_the_latent_grid():
+    """The loss weight's mask: the latent pixel under the object's centre is covered, the far corner is not,
+    on the fixed VAE's grid (frame 0 alone, then 4 pixel frames per latent frame)."""
+    params = training_params(2, seed=3)
+    masks = object_masks(params, 33, 64, 64)
+    assert masks.shape == (2, 1, 9, 16, 16) and 0 <= float(masks.min()) and float(masks.max()) <= 1
+    for p, m in zip(params, masks):
+        clip = make_clip(p, 33, 64, 64)
+        x, y = clip.trajectory[16]  # pixel frame 16 is in latent frame 4 (frames 13-16)
+        assert m[0, 4, int(y) // 4, int(x) // 4] > 0.9
+        # mid-clip the object is within 3 frames x 3 px + radius 7 of the centre: the corners are uncovered
+        assert m[0, 4, 0, 0] == 0 and m[0, 4, 15, 15] == 0 and m[0, 4, 0, 15] == 0 and m[0, 4, 15, 0] == 0

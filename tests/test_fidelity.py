@@ -92,8 +92,10 @@ def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
     runs = data["runs"]
     assert len(runs) == 2 * (2 + 2 * 5)
     row_keys = {"clip", "caption", "kind", "seed", "mode", "budget", "s", "t23", "r", "density", "psnr", "ssim"}
+    row_keys |= {"identical", "motion_err_vs_full", "motion_err_vs_gt", "object_found", "psnr_vs_render"}
     for r in runs:
-        assert set(r) >= row_keys | {"identical", "motion_err_vs_full", "motion_err_vs_gt", "object_found"}
+        assert set(r) >= row_keys
+        assert isinstance(r["psnr_vs_render"], float) and 0 < r["psnr_vs_render"] < 100, r
         if r["mode"] == "full":
             assert r["psnr"] == "inf" and r["ssim"] == 1.0 and r["identical"], r
             assert r["budget"] is None and r["density"] == 1.0
