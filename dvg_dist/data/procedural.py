@@ -221,7 +221,8 @@ def _coverage(p: ClipParams, cx: float, cy: float, radius: float, height: int, w
 
 
 def object_coverage(p: ClipParams, frames: int = 17, height: int = 64, width: int = 64) -> np.ndarray:
-    """float32 ``[F, H, W]``: the object's anti-aliased coverage per frame (the alpha :func:`make_clip` uses)."""
+    """float32 ``[F, H, W]``: the object's anti-aliased coverage per frame, the alpha :func:`make_clip` blends with
+    (and the demo trainer's object loss weight)."""
     radius = OBJECT_RADIUS * min(height, width) / REFERENCE_SIZE
     path = trajectory(p, frames, height, width)
     return np.stack([_coverage(p, float(cx), float(cy), radius, height, width) for cx, cy in path]).astype(np.float32)
@@ -231,15 +232,11 @@ def make_clip(p: ClipParams, frames: int = 17, height: int = 64, width: int = 64
     """Render ``p`` at the given size: uint8 frames, the caption and the ground-truth trajectory."""
     if frames < 1 or height < 8 or width < 8:
         raise ValueError(f"need frames >= 1 and height, width >= 8; got {frames}x{height}x{width}")
-    path = trajectory(p, frames, height, width)
     background = _background(p, height, width)
     colour = np.array(COLOURS[p.colour], dtype=np.float32)
-    radius = OBJECT_RADIUS * min(height, width) / REFERENCE_SIZE
-    out = np.empty((frames, height, width, 3), dtype=np.uint8)
-    for f, (cx, cy) in enumerate(path):
-        alpha = _coverage(p, float(cx), float(cy), radius, height, width)[..., None].astype(np.float32)
-        out[f] = np.rint(background * (1 - alpha) + colour * alpha).astype(np.uint8)
-    return Clip(out, caption_of(p), p, path)
+    alpha = object_coverage(p, frames, height, width)[..., None]
+    out = np.rint(background * (1 - alpha) + colour * alpha).astype(np.uint8)
+    return Clip(out, caption_of(p), p, trajectory(p, frames, height, width))
 
 
 def held_out_captions(n: int, seed: int = HELD_OUT_SEED) -> list[str]:

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..dvg.options import Mode
 from ..dvg.planner import Grid, InfeasibleBudget, Planner
 from ..dvg.resize import resize
 from .procedural import (
@@ -349,8 +350,6 @@ def stage_grids(full: Grid, steps: int, spatial_multiple: int = 2) -> list[Grid]
     keeps (dvg and both single-axis modes) at budgets 0.30, 0.35, …, 0.95, without the full grid. Training on
     them is what lets the early stages work: a model only ever trained at the full size produces the wrong
     colours at the sketch's size (seen on the first demo model)."""
-    from ..dvg.options import Mode
-
     grids: set[Grid] = set()
     for budget in np.arange(0.30, 0.951, 0.05):
         planner = Planner(full, steps, float(round(budget, 2)), spatial_multiple=spatial_multiple)
