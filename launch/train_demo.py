@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of batches at DVG's reduced stage grids (0: full size only)")  # fmt: skip
     p.add_argument("--object_weight", type=float, default=TrainConfig.object_weight,
                    help="extra loss weight on the object's latent pixels (0: plain MSE)")  # fmt: skip
+    p.add_argument("--object_weight_max_sigma", type=float, default=TrainConfig.object_weight_max_sigma,
+                   help="apply the object weight only at noise levels sigma <= this (1: all)")  # fmt: skip
     p.add_argument("--batch", type=int, default=TrainConfig.batch, help="clips per step")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (AdamW, cosine)")
     p.add_argument("--device", default="cpu", help="where the transformer trains (cpu, cuda)")
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 out, minutes=args.minutes, seed=args.seed, clips=args.clips, threads=args.threads,
                 frames=args.frames, steps=args.steps, stage_fraction=args.stage_fraction, device=args.device,
                 batch=args.batch, lr=args.lr, object_weight=args.object_weight,
+                object_weight_max_sigma=args.object_weight_max_sigma,
             )  # fmt: skip
         cfg.progress = not args.quiet
     except ValueError as err:

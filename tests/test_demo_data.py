@@ -15,7 +15,7 @@ from dvg_dist.data import (
     parse_caption,
     sample_params,
 )
-from dvg_dist.data.procedural import HELD_OUT_RESERVED, _background, training_params
+from dvg_dist.data.procedural import HELD_OUT_RESERVED, OBJECT_RADIUS, _background, training_params
 
 
 def test_generator_is_deterministic_per_seed():
@@ -71,7 +71,9 @@ def test_trajectory_matches_the_rendered_object(caption):
     diff = np.array(COLOURS[p.colour], dtype=np.float32) - background
     channel = np.abs(diff).argmax(axis=-1)[..., None]
     ys, xs = np.mgrid[0:64, 0:64] + 0.5
-    for f in range(17):
+    inside = [f for f in range(17) if np.all(np.abs(clip.trajectory[f] - 32) <= 32 - OBJECT_RADIUS)]
+    assert len(inside) >= 15  # the fast object is cut by the frame edge only in the first and last frame
+    for f in inside:  # an object cut by the frame edge has its centroid off its centre
         alpha = np.take_along_axis((clip.frames[f] - background) / diff, channel, axis=-1)[..., 0]
         assert alpha.sum() > 100, f"frame {f}: object not found"
         centre = np.array([(xs * alpha).sum(), (ys * alpha).sum()]) / alpha.sum()

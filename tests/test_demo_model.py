@@ -25,6 +25,7 @@ from dvg_dist.data.train import (
     encode_text,
     fixed_vae,
     install_padding_bias,
+    object_loss_weight,
     object_masks,
     smoke_config,
     stage_grids,
@@ -111,7 +112,15 @@ def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
     assert meta["transformer"]["steps"] == 3 and meta["transformer"]["stage_grids"]
 
 
-@pytest.mark.parametrize("argv", [["--out", "x", "--minutes", "-1"], ["--minutes", "5"], ["--out", "x", "--bogus"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--out", "x", "--minutes", "-1"],
+        ["--minutes", "5"],
+        ["--out", "x", "--bogus"],
+        ["--out", "x", "--object_weight_max_sigma", "1.5"],
+    ],
+)
 def test_bad_flags_are_one_line_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         _train_demo_main()(argv)
@@ -167,5 +176,15 @@ def test_object_masks_sit_on_the_object_in_the_latent_grid():
         clip = make_clip(p, 33, 64, 64)
         x, y = clip.trajectory[16]  # pixel frame 16 is in latent frame 4 (frames 13-16)
         assert m[0, 4, int(y) // 4, int(x) // 4] > 0.9
-        # mid-clip the object is within 3 frames x 3 px + radius 7 of the centre: the corners are uncovered
+        # mid-clip the object is within 3 frames x 3 px + radius 10 of the centre: the corners are uncovered
         assert m[0, 4, 0, 0] == 0 and m[0, 4, 15, 15] == 0 and m[0, 4, 0, 15] == 0 and m[0, 4, 15, 0] == 0
+
+
+def test_object_weight_applies_only_up_to_its_noise_level():
+    """Samples noised above ``max_sigma`` get the plain MSE's weight 1 everywhere; the rest 1 + w·mask."""
+    masks = torch.rand(3, 1, 2, 4, 4)
+    sigma = torch.tensor([0.2, 0.7, 0.9])
+    w = object_loss_weight(masks, sigma, 8.0, 0.7)
+    assert torch.equal(w[0], 1 + 8.0 * masks[0]) and torch.equal(w[1], 1 + 8.0 * masks[1])
+    assert torch.equal(w[2], torch.ones_like(masks[2]))
+    assert torch.equal(object_loss_weight(masks, sigma, 8.0, 1.0), 1 + 8.0 * masks)

@@ -128,7 +128,10 @@ class TrainConfig:
     ema: float = 0.995
     object_weight: float = 8.0
     """Extra loss weight on latent pixels the object covers (weight ``1 + object_weight·coverage``): the object is
-    ~4% of the pixels, and with a plain MSE a small model learns the backgrounds and never draws it."""
+    under 10% of the pixels, and with a plain MSE a small model learns the backgrounds and never draws it."""
+    object_weight_max_sigma: float = 0.8
+    """The object weight applies only at noise levels σ ≤ this. A weight that depends on the clean clip biases the
+    denoiser toward the object's colour wherever the object *might* be, which is everywhere at high σ."""
     stage_fraction: float = 0.75
     """Share of batches trained at one of DVG's reduced stage grids (:func:`stage_grids`) instead of the full
     latent; 0 trains at the full size only."""
@@ -151,10 +154,11 @@ class TrainConfig:
                 f"minutes, clips and batch must be positive and object_weight >= 0; got {self.minutes}, "
                 f"{self.clips}, {self.batch}, {self.object_weight}"
             )
-        if not 0 <= self.cfg_dropout < 1 or not 0 <= self.stage_fraction <= 1:
+        unit = (self.stage_fraction, self.object_weight_max_sigma)
+        if not 0 <= self.cfg_dropout < 1 or not all(0 <= v <= 1 for v in unit):
             raise ValueError(
-                f"cfg_dropout must be in [0, 1) and stage_fraction in [0, 1]; got {self.cfg_dropout}, "
-                f"{self.stage_fraction}"
+                f"cfg_dropout must be in [0, 1), stage_fraction and object_weight_max_sigma in [0, 1]; got "
+                f"{self.cfg_dropout}, {self.stage_fraction}, {self.object_weight_max_sigma}"
             )
         if self.height % 4 or self.width % 4 or (self.frames - 1) % 4:
             raise ValueError("clips must be 4k+1 frames of a multiple of 4 pixels (the VAE's 4x4x4 grid)")
@@ -345,6 +349,16 @@ def object_masks(params: list[ClipParams], frames: int, height: int, width: int)
     return torch.stack(out)
 
 
+def object_loss_weight(masks: torch.Tensor, sigma: torch.Tensor, weight: float, max_sigma: float) -> torch.Tensor:
+    """Per-pixel loss weight ``1 + weight·mask`` for the samples noised to ``σ ≤ max_sigma``, 1 for the rest.
+
+    A weight that depends on the clean clip changes what the loss is minimised by: the weighted posterior mean
+    instead of the mean. Where σ is low the object's place is already fixed by ``x_σ`` and the two agree; at high σ
+    the object might be anywhere, and the weighted optimum paints its colour everywhere."""
+    gate = (sigma <= max_sigma).to(masks.dtype).view(-1, *([1] * (masks.dim() - 1)))
+    return 1 + weight * gate * masks
+
+
 def stage_grids(full: Grid, steps: int, spatial_multiple: int = 2) -> list[Grid]:
     """Every reduced grid a DVG stage can run at for this latent: the stage grids of every action the planner
     keeps (dvg and both single-axis modes) at budgets 0.30, 0.35, …, 0.95, without the full grid. Training on
@@ -436,15 +450,18 @@ def train_transformer(parts: dict[str, Any], latents: torch.Tensor, captions: li
         drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_dropout
         batch_captions = ["" if d else captions[int(i)] for i, d in zip(idx, drop)]
         x0 = latents[idx]
-        weight = torch.ones_like(x0[:, :1]) if masks is None else 1 + cfg.object_weight * masks[idx]
+        noise_u = torch.rand(cfg.batch, generator=gen)
+        sigma = shift * noise_u / (1 + (shift - 1) * noise_u)
+        if masks is None:
+            weight = torch.ones_like(x0[:, :1])
+        else:
+            weight = object_loss_weight(masks[idx], sigma, cfg.object_weight, cfg.object_weight_max_sigma)
         # A stage batch: the clean latent resized to the stage grid with the sampler's own resize, so the
         # model learns what a reduced stage should produce — the full video, resized.
         if grids and float(torch.rand((), generator=gen)) < cfg.stage_fraction:
             grid = grids[int(torch.randint(len(grids), (), generator=gen))]
             x0, weight = resize(x0, grid), resize(weight, grid)
         noise = torch.randn(x0.shape, generator=gen)
-        u = torch.rand(cfg.batch, generator=gen)
-        sigma = shift * u / (1 + (shift - 1) * u)
         s = sigma.view(-1, 1, 1, 1, 1)
         x_t = ((1 - s) * x0 + s * noise).to(device)
         states, bias.bias = encode_text(tokenizer, text_encoder, batch_captions)
