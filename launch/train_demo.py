@@ -1,7 +1,8 @@
-"""Train the demo Wan model on procedural clips, on CPU (the recipe: dvg_dist/data/train.py).
+"""Train the demo Wan model on procedural clips (the recipe: dvg_dist/data/train.py).
 
-    python launch/train_demo.py --out models/dvg-demo-wan              # ~25 minutes on 2 cores
-    python launch/train_demo.py --out /tmp/demo --minutes 10 --seed 1
+    python launch/train_demo.py --out models/dvg-demo-wan-cpu --minutes 29.5     # the CPU model, 2 cores
+    python launch/train_demo.py --out models/dvg-demo-wan --device cuda --steps 1906 --minutes 30 --batch 128 \
+        --lr 3e-3 --layers 8 --heads 4 --ffn_dim 512 --weights_dtype float16   # the default model, on a GPU
     python launch/train_demo.py --out /tmp/smoke --smoke               # seconds: toy sizes, nothing learnt
 
 Writes a diffusers WanPipeline directory (replacing ``--out``) with ``dvg_demo.json`` (steps, losses, wall
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from dvg_dist.data.train import TrainConfig, smoke_config, train
+from dvg_dist.data.train import Architecture, TrainConfig, smoke_config, train
 
 PROG = "train_demo.py"
 
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the object weight only at noise levels sigma <= this (1: all)")  # fmt: skip
     p.add_argument("--batch", type=int, default=TrainConfig.batch, help="clips per step")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (AdamW, cosine)")
+    p.add_argument("--layers", type=int, default=Architecture.layers, help="transformer blocks")
+    p.add_argument("--heads", type=int, default=Architecture.heads, help="attention heads")
+    p.add_argument("--head_dim", type=int, default=Architecture.head_dim, help="channels per head (even)")
+    p.add_argument("--ffn_dim", type=int, default=Architecture.ffn_dim, help="feed-forward width")
+    p.add_argument("--weights_dtype", choices=("float32", "float16"), default=TrainConfig.weights_dtype,
+                   help="dtype of the saved transformer weights (float16: half the size)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="where the transformer trains (cpu, cuda)")
     p.add_argument("--smoke", action="store_true", help="a few steps at toy sizes (tests)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -72,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 frames=args.frames, steps=args.steps, stage_fraction=args.stage_fraction, device=args.device,
                 batch=args.batch, lr=args.lr, object_weight=args.object_weight,
                 object_weight_max_sigma=args.object_weight_max_sigma,
+                weights_dtype=args.weights_dtype,
+                arch=Architecture(heads=args.heads, head_dim=args.head_dim, layers=args.layers, ffn_dim=args.ffn_dim),
             )  # fmt: skip
         cfg.progress = not args.quiet
     except ValueError as err:

@@ -72,7 +72,7 @@ def test_trajectory_matches_the_rendered_object(caption):
     channel = np.abs(diff).argmax(axis=-1)[..., None]
     ys, xs = np.mgrid[0:64, 0:64] + 0.5
     inside = [f for f in range(17) if np.all(np.abs(clip.trajectory[f] - 32) <= 32 - OBJECT_RADIUS)]
-    assert len(inside) >= 15  # the fast object is cut by the frame edge only in the first and last frame
+    assert len(inside) >= 13  # the fast object (radius 14) is cut by the frame edge only in the first and last two
     for f in inside:  # an object cut by the frame edge has its centroid off its centre
         alpha = np.take_along_axis((clip.frames[f] - background) / diff, channel, axis=-1)[..., 0]
         assert alpha.sum() > 100, f"frame {f}: object not found"

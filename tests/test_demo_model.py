@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
@@ -16,7 +17,7 @@ from PIL import Image
 
 from dvg_dist.config import load_config
 from dvg_dist.data import make_clip
-from dvg_dist.data.procedural import training_params
+from dvg_dist.data.procedural import OBJECT_RADIUS, training_params
 from dvg_dist.data.train import (
     META_FILE,
     TEXT_LENGTH,
@@ -36,8 +37,10 @@ from dvg_dist.dvg.planner import Grid, InfeasibleBudget, Planner
 from dvg_dist.runtime.engine import Engine, Request
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "dvg-demo-wan"
-REFERENCE = ROOT / "tests" / "data" / "demo_wan_full_seed0.png"
+MODELS = {  # the default (GPU-trained) and the one trained here on CPU, each with its stored reference frames
+    "dvg-demo-wan": ROOT / "tests" / "data" / "demo_wan_full_seed0.png",
+    "dvg-demo-wan-cpu": ROOT / "tests" / "data" / "demo_wan_cpu_full_seed0.png",
+}
 CAPTION = "a red disc moving quickly right over a plain black background"
 REF_FRAMES = (0, 16, 32)
 REF_SETTINGS = ("sampling.mode=full", "sampling.steps=12")  # fewer steps than the config's 24: a fast test
@@ -53,21 +56,26 @@ def reference_strip(frames: np.ndarray) -> np.ndarray:
     return np.concatenate([frames[f] for f in REF_FRAMES], axis=1)
 
 
-def test_committed_model_reproduces_its_reference_frames():
-    config = load_config(ROOT / "configs" / "demo-wan.yaml", [f"model.path={MODEL}", *REF_SETTINGS])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_committed_model_reproduces_its_reference_frames(name):
+    model, reference = ROOT / "models" / name, MODELS[name]
+    config = load_config(ROOT / "configs" / "demo-wan.yaml", [f"model.path={model}", *REF_SETTINGS])
     result = Engine(config).generate([Request(CAPTION, seed=0)], progress=False)
     assert result.frames is not None and result.frames.shape == (1, 33, 64, 64, 3)
     ours = reference_strip(result.frames[0])
-    ref = np.asarray(Image.open(REFERENCE).convert("RGB"))
+    ref = np.asarray(Image.open(reference).convert("RGB"))
     psnr = _psnr(ours, ref)
-    assert psnr >= 30.0, f"full-mode frames differ from {REFERENCE.name}: PSNR {psnr:.1f} dB < 30 dB"
+    assert psnr >= 30.0, f"full-mode frames differ from {reference.name}: PSNR {psnr:.1f} dB < 30 dB"
 
 
-def test_committed_model_is_small_and_describes_its_training():
-    size = sum(p.stat().st_size for p in MODEL.rglob("*.safetensors"))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_committed_model_is_small_and_describes_its_training(name):
+    model = ROOT / "models" / name
+    size = sum(p.stat().st_size for p in model.rglob("*.safetensors"))
     assert size < 8 * 2**20, f"committed weights are {size / 2**20:.1f} MiB"
-    meta = json.loads((MODEL / META_FILE).read_text())
+    meta = json.loads((model / META_FILE).read_text())
     assert {"seed", "dataset", "vae", "transformer", "wall_seconds"} <= set(meta)
+    assert meta["dataset"]["object_radius_px"] == OBJECT_RADIUS  # trained on the dataset the harness renders
 
 
 def test_padding_bias_equals_the_pipelines_512_token_padding():
@@ -119,6 +127,8 @@ def test_smoke_training_writes_a_loadable_pipeline(tmp_path):
         ["--minutes", "5"],
         ["--out", "x", "--bogus"],
         ["--out", "x", "--object_weight_max_sigma", "1.5"],
+        ["--out", "x", "--head_dim", "31"],
+        ["--out", "x", "--layers", "0"],
     ],
 )
 def test_bad_flags_are_one_line_errors(argv, capsys):
@@ -127,6 +137,22 @@ def test_bad_flags_are_one_line_errors(argv, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train_demo.py: error:"), err
+
+
+def test_architecture_flags_build_that_transformer(tmp_path):
+    argv = ["--out", str(tmp_path / "m"), "--clips", "4", "--frames", "5", "--steps", "2", "--batch", "2",
+            "--layers", "2", "--heads", "2", "--head_dim", "12", "--ffn_dim", "24", "--threads", "1",
+            "--weights_dtype", "float16", "--quiet"]  # fmt: skip
+    assert _train_demo_main()(argv) == 0
+    config = json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())
+    assert (config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]) == (2, 2, 12)
+    assert config["ffn_dim"] == 24
+    meta = json.loads((tmp_path / "m" / META_FILE).read_text())
+    assert meta["config"]["arch"]["layers"] == 2 and meta["transformer"]["steps"] == 2
+    stored = safetensors.torch.load_file(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "m", use_safetensors=True)
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float32}  # loaded back as float32
 
 
 def test_fixed_vae_is_the_4x4_block_mean_exact_in_time():

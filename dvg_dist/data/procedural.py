@@ -29,7 +29,7 @@ slowly up-right over a fine blue and yellow checkered background`` (texture). Th
 every background colour and the two background colours differ.
 
 Geometry, at the 64-px reference size (lengths scale with ``min(height, width) / 64``): object radius / half
-side 10 px; speed 0.5 px/frame (slowly) or 3 px/frame (quickly) along the direction (diagonals have unit
+side 14 px; speed 0.5 px/frame (slowly) or 3 px/frame (quickly) along the direction (diagonals have unit
 length, not √2). Pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)``; positions are in these continuous pixel
 coordinates, so the frame centre is ``(width/2, height/2)``. Edges are anti-aliased by coverage.
 """
@@ -70,7 +70,7 @@ SCALES: dict[str, int] = {"fine": 4, "coarse": 8}
 KINDS: tuple[str, ...] = ("texture", "motion", "mix")
 
 REFERENCE_SIZE = 64
-OBJECT_RADIUS = 10.0
+OBJECT_RADIUS = 14.0
 HELD_OUT_SEED = 20_240_601
 """Seed of the held-out caption set; training data never contains its first :data:`HELD_OUT_RESERVED`."""
 HELD_OUT_RESERVED = 64

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from ..dvg.options import Mode
 from ..dvg.planner import Grid, InfeasibleBudget, Planner
 from ..dvg.resize import resize
+from . import procedural
 from .procedural import (
     COLOURS,
     DIRECTIONS,
@@ -99,7 +100,7 @@ GRAMMAR_WORDS = (
 
 @dataclass
 class Architecture:
-    """Component sizes (the smoke run shrinks them)."""
+    """Component sizes (the smoke run shrinks them; the GPU-trained model is 4 heads × 32, 8 layers, FFN 512)."""
 
     heads: int = 3
     head_dim: int = 32
@@ -107,6 +108,14 @@ class Architecture:
     layers: int = 4
     ffn_dim: int = 256
     flow_shift: float = 3.0
+
+    def __post_init__(self) -> None:
+        if min(self.heads, self.layers, self.ffn_dim) < 1 or self.head_dim < 6 or self.head_dim % 2:
+            raise ValueError(
+                f"heads, layers and ffn_dim must be positive and head_dim an even number >= 6 (Wan's rotary "
+                f"splits it in three); got heads {self.heads}, head_dim {self.head_dim}, layers {self.layers}, "
+                f"ffn_dim {self.ffn_dim}"
+            )
 
 
 @dataclass
@@ -142,6 +151,9 @@ class TrainConfig:
     threads: int = 2
     """torch CPU threads. On a CPU shared with other busy processes, 1 can be several times faster than 2
     (OpenMP threads spin-waiting on an oversubscribed core)."""
+    weights_dtype: str = "float32"
+    """``float16`` stores the transformer's weights in half precision (half the size; diffusers loads them back as
+    float32, so only the rounding of the weights, at most 5e-4 here, changes)."""
     progress: bool = True
     frames: int = FRAMES
     height: int = HEIGHT
@@ -160,6 +172,8 @@ class TrainConfig:
                 f"cfg_dropout must be in [0, 1), stage_fraction and object_weight_max_sigma in [0, 1]; got "
                 f"{self.cfg_dropout}, {self.stage_fraction}, {self.object_weight_max_sigma}"
             )
+        if self.weights_dtype not in ("float32", "float16"):
+            raise ValueError(f"weights_dtype must be float32 or float16; got {self.weights_dtype}")
         if self.height % 4 or self.width % 4 or (self.frames - 1) % 4:
             raise ValueError("clips must be 4k+1 frames of a multiple of 4 pixels (the VAE's 4x4x4 grid)")
 
@@ -493,6 +507,19 @@ def train_transformer(parts: dict[str, Any], latents: torch.Tensor, captions: li
     return stats, ema
 
 
+def half_precision_weights(transformer: Any) -> None:
+    """Cast the transformer to float16 for saving. Diffusers warns that its norms and embeddings run in float32;
+    they still do, because loading upcasts every weight back to float32 (only their rounding is kept)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        transformer.to(torch.float16)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def _curve(losses: list[float], points: int = 20) -> list[float]:
     """The loss curve as ``points`` window means (the metadata stays small)."""
     if not losses:
@@ -536,6 +563,7 @@ def _train(cfg: TrainConfig) -> Path:
     kinds = [p.kind for p in params]
     dataset = {
         "clips": cfg.clips,
+        "object_radius_px": procedural.OBJECT_RADIUS,
         "kinds": {k: kinds.count(k) for k in KINDS},
         "size": [cfg.frames, cfg.height, cfg.width],
     }
@@ -564,6 +592,8 @@ def _train(cfg: TrainConfig) -> Path:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    if cfg.weights_dtype == "float16":
+        half_precision_weights(parts["transformer"])
     pipe: Any = WanPipeline(**parts)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
