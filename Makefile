@@ -27,14 +27,15 @@ run: $(STAMP)
 		--prompt "$(PROMPT)" --mode dvg --budget 0.5 --out out --save-latent
 
 # The fidelity table and contact sheet (bench/results/fidelity.json, fidelity_contact.png): full vs dvg and its
-# ablations at budgets 0.5 and 0.6 on the demo model's 32 held-out captions.
+# ablations at budgets 0.5 and 0.6 on the demo model's 32 held-out captions, two seeds each.
 fidelity: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) bench/fidelity.py --config configs/demo-wan.yaml --captions 32 --budgets 0.5,0.6
+	HF_HUB_OFFLINE=1 $(PY) bench/fidelity.py --config configs/demo-wan.yaml --captions 32 --seeds 0,1 \
+		--budgets 0.5,0.6
 
 # The same on the model trained here in 30 minutes on 2 CPU cores.
 fidelity-cpu: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/fidelity.py --config configs/demo-wan.yaml --model $(CPU_DEMO_MODEL) --captions 32 \
-		--budgets 0.5,0.6 --out bench/results/fidelity_cpu.json
+		--seeds 0,1 --budgets 0.5,0.6 --out bench/results/fidelity_cpu.json
 
 demo-compare: fidelity
 

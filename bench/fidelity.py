@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -338,8 +339,29 @@ def planner_split(rows: list[dict[str, Any]], budgets: list[float]) -> dict[str,
     return out
 
 
-def goals(summary: list[dict[str, Any]], split: dict[str, Any], budgets: list[float]) -> dict[str, Any]:
-    """The issue's three goals, measured (nothing here changes a metric to meet them)."""
+def paired(rows: list[dict[str, Any]], mode: str, budget: float) -> dict[str, Any]:
+    """dvg's PSNR minus ``mode``'s on the same (clip, seed), over the pairs where both are finite: the mean
+    difference, its standard error and the pair count. Two plans' PSNRs move together with the clip, so the paired
+    error is what decides whether a difference of means is more than noise."""
+    other = {(r["clip"], r["seed"]): r for r in rows if r["mode"] == mode and r["budget"] == budget}
+    diffs = []
+    for r in rows:
+        o = other.get((r["clip"], r["seed"])) if r["mode"] == Mode.DVG.value and r["budget"] == budget else None
+        if o is not None and math.isfinite(float(r["psnr"])) and math.isfinite(float(o["psnr"])):
+            diffs.append(float(r["psnr"]) - float(o["psnr"]))
+    n = len(diffs)
+    mean = sum(diffs) / n if n else None
+    se = None
+    if n > 1 and mean is not None:
+        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    return {"pairs": n, "mean_db": mean, "se_db": se}
+
+
+def goals(
+    summary: list[dict[str, Any]], split: dict[str, Any], budgets: list[float], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The issue's three goals, measured (nothing here changes a metric to meet them). Each dvg-vs-ablation margin
+    comes with its paired standard error; ``within_noise`` marks a margin no larger than two of them."""
 
     def cell(mode: str, budget: float) -> dict[str, Any] | None:
         return next((s for s in summary if s["mode"] == mode and s["budget"] == budget and s["kind"] == "all"), None)
@@ -356,6 +378,7 @@ def goals(summary: list[dict[str, Any]], split: dict[str, Any], budgets: list[fl
             if dvg is None or other is None:
                 continue
             margin = float(dvg["psnr"]) - float(other["psnr"])
+            pair = paired(rows, mode.value, budget)
             beats[f"{mode.value}@{budget}"] = {
                 "dvg_psnr": dvg["psnr"],
                 "ablation_psnr": other["psnr"],
@@ -364,14 +387,17 @@ def goals(summary: list[dict[str, Any]], split: dict[str, Any], budgets: list[fl
                 "ablation_ssim": other["ssim"],
                 "ablation_density": other["density"],
                 "same_plan_as_dvg": other["same_plan_as_dvg"],
+                "paired_se_db": pair["se_db"],
+                "pairs": pair["pairs"],
+                "within_noise": pair["se_db"] is None or abs(margin) <= 2 * pair["se_db"],
                 "met": margin >= -TIE_DB,
             }
     out["dvg_ge_each_ablation"] = beats
     split_goal: dict[str, Any] = {}
-    for budget, kinds in split.items():
+    for key, kinds in split.items():
         tex, mot = kinds.get("texture"), kinds.get("motion")
         if tex and mot:
-            split_goal[budget] = {
+            split_goal[key] = {
                 "motion_cuts_more_space": mot["s_mean"] < tex["s_mean"],
                 "texture_cuts_more_time": tex["r_mean"] < mot["r_mean"],
             }
@@ -390,8 +416,9 @@ def _fmt(value: Any, spec: str, width: int) -> str:
     return f"{float(value):>{width}{spec}}"
 
 
-def table(summary: list[dict[str, Any]], split: dict[str, Any]) -> str:
-    """The stdout report: every mode × budget on all clips, then per kind, then the planner's split."""
+def table(summary: list[dict[str, Any]], split: dict[str, Any], goal: dict[str, Any] | None = None) -> str:
+    """The stdout report: every mode × budget on all clips, then per kind, then the planner's split, then the
+    dvg-vs-ablation margins with their paired standard errors."""
     lines = [
         f"{'mode':<15}{'budget':>7}{'n':>5}{'density':>9}{'PSNR dB':>9}{'SSIM':>8}{'motion px':>11}{'vs GT px':>10}"
         f"{'found':>7}{'vs render dB':>14}"
@@ -433,6 +460,15 @@ def table(summary: list[dict[str, Any]], split: dict[str, Any]) -> str:
                 f"r={_fmt(p['r_mean'], '.3f', 5).strip()} D_s={_fmt(p['D_s_mean'], '.3f', 5).strip()} "
                 f"D_t={_fmt(p['D_t_mean'], '.3f', 5).strip()} w_s={_fmt(p['w_s_mean'], '.3f', 5).strip()} "
                 f"{' '.join(f'{a}:{n}' for a, n in p['actions'].items())}"
+            )
+    if goal and goal.get("dvg_ge_each_ablation"):
+        lines += ["", "dvg minus each ablation, PSNR dB: mean over clips ± paired standard error"]
+        for name, g in goal["dvg_ge_each_ablation"].items():
+            se = "" if g["paired_se_db"] is None else f" ± {g['paired_se_db']:.2f}"
+            verdict = "within noise (≤ 2 SE)" if g["within_noise"] else ("dvg ahead" if g["met"] else "dvg behind")
+            lines.append(
+                f"  {name:<20}{float(g['margin_db']):+7.2f}{se:<8} {g['pairs']} pairs, same plan on "
+                f"{_fmt(g['same_plan_as_dvg'], '.0%', 4).strip()}: {verdict}"
             )
     return "\n".join(lines)
 
@@ -559,7 +595,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": rows,
         "summary": summary,
         "planner_split": split,
-        "goals": goals(summary, split, args.budget_list),
+        "goals": goals(summary, split, args.budget_list, rows),
         "contact_sheet": {"path": _shown(sheet_path), "size": list(sheet), "clips": [list(p) for p in picks]},
         "timings": {"load_s": load_s, "total_s": time.perf_counter() - t_start},
     }
@@ -593,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
         dvg_log.setLevel(level)
-    print(table(result["summary"], result["planner_split"]))
+    print(table(result["summary"], result["planner_split"], result["goals"]))
     print(f"\n{len(result['runs'])} videos in {result['timings']['total_s']:.0f} s; wrote {_shown(Path(args.out))} and "
           f"{result['contact_sheet']['path']}")  # fmt: skip
     return 0

@@ -81,7 +81,8 @@ def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "fidelity.json"
     argv = ["--smoke", "--config", str(ROOT / "configs" / "tiny-wan.yaml"), "--model", str(tiny_checkpoint("wan"))]
     assert fid.main([*argv, "--out", str(out), "--no-progress"]) == 0
-    assert "planner split" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "planner split" in printed and "paired standard error" in printed
     data = json.loads(out.read_text())
 
     assert set(data) >= {"config", "machine", "clips", "runs", "summary", "planner_split", "goals", "timings"}
@@ -123,6 +124,10 @@ def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
         assert set(data["planner_split"][budget]) == {"texture", "motion"}
         assert {"s_mean", "r_mean", "D_s_mean", "D_t_mean", "actions"} <= set(data["planner_split"][budget]["motion"])
     assert {"dvg_psnr_at_0.5_ge_25dB", "dvg_ge_each_ablation", "planner_split"} <= set(data["goals"])
+    for name, g in data["goals"]["dvg_ge_each_ablation"].items():  # two clips, one seed: two pairs each
+        pair = fid.paired(runs, name.split("@")[0], float(name.split("@")[1]))
+        assert g["pairs"] == pair["pairs"] == 2 and g["paired_se_db"] == pytest.approx(pair["se_db"])
+        assert g["margin_db"] == pytest.approx(pair["mean_db"])  # every pair finite: mean of differences
 
     sheet = Path(data["contact_sheet"]["path"])
     assert sheet == tmp_path / "fidelity_contact.png"
@@ -147,3 +152,18 @@ def test_missing_model_is_a_one_line_error(tmp_path, capsys):
         f"fidelity.py: error: model not found: {tmp_path / 'nowhere'} (give a local diffusers pipeline directory)"
     ]
     assert not (tmp_path / "f.json").exists()
+
+
+def test_paired_margin_and_standard_error_are_exact():
+    # dvg − fixed on three (clip, seed) pairs: 1, 0, 2 → mean 1, sample sd 1, standard error 1/√3. A pair where
+    # either PSNR is infinite (identical videos) is left out, and rows of other modes or budgets are ignored.
+    def row(clip, seed, mode, psnr, budget=0.5):
+        return {"clip": clip, "seed": seed, "mode": mode, "budget": budget, "psnr": psnr}
+
+    rows = [row(0, 0, "dvg", 10.0), row(0, 0, "fixed", 9.0), row(1, 0, "dvg", 12.0), row(1, 0, "fixed", 12.0)]
+    rows += [row(1, 1, "dvg", 14.0), row(1, 1, "fixed", 12.0), row(2, 0, "dvg", "inf"), row(2, 0, "fixed", 30.0)]
+    rows += [row(0, 0, "fixed", 0.0, budget=0.6), row(0, 0, "spatial-only", 0.0)]
+    got = fid.paired(rows, "fixed", 0.5)
+    assert got["pairs"] == 3 and got["mean_db"] == pytest.approx(1.0)
+    assert got["se_db"] == pytest.approx(1 / math.sqrt(3))
+    assert fid.paired(rows, "temporal-only", 0.5) == {"pairs": 0, "mean_db": None, "se_db": None}
