@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -349,12 +350,8 @@ def paired(rows: list[dict[str, Any]], mode: str, budget: float) -> dict[str, An
         o = other.get((r["clip"], r["seed"])) if r["mode"] == Mode.DVG.value and r["budget"] == budget else None
         if o is not None and math.isfinite(float(r["psnr"])) and math.isfinite(float(o["psnr"])):
             diffs.append(float(r["psnr"]) - float(o["psnr"]))
-    n = len(diffs)
-    mean = sum(diffs) / n if n else None
-    se = None
-    if n > 1 and mean is not None:
-        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
-    return {"pairs": n, "mean_db": mean, "se_db": se}
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return {"pairs": len(diffs), "mean_db": _mean(diffs), "se_db": se}
 
 
 def goals(
