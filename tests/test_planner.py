@@ -261,13 +261,37 @@ def test_infeasible_budget_names_the_reachable_range():
     assert lo > 0.28, f"lowest reachable density {lo:.4f} is below the refine-stage floor 0.28"
 
 
+@pytest.mark.parametrize("n", [4, 6, 8, 12])
+def test_few_step_budgets_name_the_reachable_densities(n):
+    """Wan 720p at 4-12 steps: the one-line error names the reachable released densities and, when the budget is
+    below them, the lowest executed density; ``budget_counting=executed`` filters on what the calls really run."""
+    low = Planner(FULL, n, 0.3, spatial_multiple=2)  # the sketch's frames scale with the budget: same planner
+    dens = sorted({c.density for c in low.candidates()})
+    with pytest.raises(InfeasibleBudget) as info:
+        low.feasible()
+    msg = str(info.value)
+    assert "\n" not in msg and f"{dens[0]:.3f}-{dens[-1]:.3f}" in msg and f"{n} steps" in msg, msg
+    lowest = min(c.executed_density for c in low.candidates())
+    assert f"dvg.budget_counting=executed) the lowest is {lowest:.3f}" in msg, msg
+    executed = Planner(FULL, n, 0.5, DVGOptions(budget_counting="executed"), spatial_multiple=2)
+    assert lowest < dens[0], f"N={n}: executed {lowest:.3f} should be below released {dens[0]:.3f}"
+    chosen = executed.feasible()[0]
+    assert abs(chosen.executed_density - 0.5) <= 0.02 + 1e-12, f"N={n}: executed density {chosen.executed_density}"
+    assert chosen.density > chosen.executed_density  # the released counting would have charged more
+    if n == 4:  # released counting: the refine stage's 2 of 4 calls alone are 0.5, so 0.5 is out of reach
+        with pytest.raises(InfeasibleBudget, match=r"0\.5 is infeasible"):
+            Planner(FULL, n, 0.5, spatial_multiple=2).feasible()
+    else:
+        assert Planner(FULL, n, 0.5, spatial_multiple=2).feasible()
+
+
 def test_planner_rejects_bad_arguments():
     for b in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError):
             Planner(FULL, N, b)
     with pytest.raises(ValueError):
         Planner(FULL, N, 0.5, spatial_multiple=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 4 steps"):
         Planner(FULL, 3, 0.5)
 
 

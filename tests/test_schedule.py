@@ -20,6 +20,10 @@ from dvg_dist.dvg import (
     [
         (50, [14, 25, 36], [14, 11, 11, 14], [15, 11, 11, 13]),
         (12, [3, 6, 8], [3, 3, 2, 4], [4, 3, 2, 3]),
+        (8, [2, 4, 5], [2, 2, 1, 3], [3, 2, 1, 2]),
+        (6, [1, 3, 4], [1, 2, 1, 2], [2, 2, 1, 1]),
+        # The floors [1, 2, 2] collide: pushed apart so each stage runs one call on its own grid.
+        (4, [0, 1, 2], [0, 1, 1, 2], [1, 1, 1, 1]),
     ],
 )
 def test_stage_step_counts(n, bounds, released, executed):
@@ -33,7 +37,7 @@ def test_stage_step_counts(n, bounds, released, executed):
 
 
 def test_step_counts_sum_to_n_for_every_feasible_n():
-    for n in range(5, 120):
+    for n in range(4, 120):
         b = stage_boundaries(n)
         rel, exe = released_step_counts(n, b), executed_step_counts(n, b)
         assert sum(rel) == n and sum(exe) == n, f"N={n}: released {rel}, executed {exe} do not sum to N"
@@ -44,18 +48,20 @@ def test_step_counts_sum_to_n_for_every_feasible_n():
         )
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3])
 def test_too_few_steps_raise(n):
-    with pytest.raises(ValueError, match="boundaries"):
+    with pytest.raises(ValueError, match="at least 4 steps"):
         stage_boundaries(n)
 
 
-def test_custom_fractions_and_bad_fractions():
+def test_custom_fractions_are_floors_pushed_apart_within_the_run():
     assert stage_boundaries(20, (0.25, 0.5, 0.75)) == [5, 10, 15]
-    with pytest.raises(ValueError):
-        stage_boundaries(20, (0.5, 0.5, 0.75))  # equal boundaries
-    with pytest.raises(ValueError):
-        stage_boundaries(20, (0.25, 0.5, 0.99))  # last boundary on the last call
+    assert stage_boundaries(20, (0.5, 0.5, 0.75)) == [10, 11, 15]  # equal floors: the later one moves on a call
+    assert stage_boundaries(20, (0.25, 0.5, 0.99)) == [5, 10, 18]  # the refine stage keeps its one call
+    assert stage_boundaries(20, (0.9, 0.95, 0.99)) == [16, 17, 18]  # pushed back from the end
+    for fractions in [(0.6, 0.5, 0.75), (0.25, 0.5, 1.0), (-0.1, 0.5, 0.75)]:
+        with pytest.raises(ValueError, match="non-decreasing"):
+            stage_boundaries(20, fractions)
 
 
 @pytest.mark.parametrize("n", [12, 50])

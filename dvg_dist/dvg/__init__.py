@@ -10,7 +10,7 @@ from .demands import (
     temporal_demand,
 )
 from .noise import hash_noise, random_noise
-from .options import DVGOptions, Mode, RenoiseMode, ResizeMode, TemporalDemandMethod
+from .options import BudgetCounting, DVGOptions, MeanFlowSwitchEnd, Mode, RenoiseMode, ResizeMode, TemporalDemandMethod
 from .planner import COST_PRESETS, Candidate, CostModel, Grid, InfeasibleBudget, Planner, match, sort_key
 from .resize import anchor_linear_1d, anchors, area_anchor_spatial, nested_coords, resize, sample_at, stage_coords
 from .sampler import (
@@ -35,6 +35,7 @@ from .transition import extrapolate_x0, renoise, smooth_sketch
 
 __all__ = [
     "COST_PRESETS",
+    "BudgetCounting",
     "Candidate",
     "CostModel",
     "DVGOptions",
@@ -43,6 +44,7 @@ __all__ = [
     "EulerStep",
     "Grid",
     "InfeasibleBudget",
+    "MeanFlowSwitchEnd",
     "Mode",
     "PlanRecord",
     "Planner",

@@ -43,6 +43,26 @@ class RenoiseMode(str, Enum):
     """``torch.randn`` from a generator seeded by the user's seed and the step (ablation)."""
 
 
+class BudgetCounting(str, Enum):
+    """Which density the budget filter (eq. 8) compares with ρ*."""
+
+    RELEASED = "released"
+    """Eq. 7 as released: the model call on a boundary counts to the *next* stage (N=50: n = 14, 11, 11, 14)."""
+    EXECUTED = "executed"
+    """Each model call counts to the grid it runs on (N=50: 15, 11, 11, 13). At few steps the two differ a lot
+    (N=8: 2, 2, 1, 3 against 3, 2, 1, 2), and this one is the compute the run actually spends."""
+
+
+class MeanFlowSwitchEnd(str, Enum):
+    """Where the average-velocity interval of a stage's last model call ends (MeanFlow checkpoints)."""
+
+    STAGE = "stage"
+    """The next timestep of the stage's own schedule: the step the stage would have taken, so the model is asked
+    for the same kind of interval as at every other call; ``x̂0 = x - σ·u`` then extrapolates past it."""
+    ZERO = "zero"
+    """0: the model's one-step estimate of the clean latent, which ``x̂0 = x - σ·u`` then is exactly."""
+
+
 class TemporalDemandMethod(str, Enum):
     LK = "lk"
     """One global Lucas–Kanade vector per frame pair (released)."""
@@ -82,6 +102,13 @@ class DVGOptions:
     """Sketch smoothing: ``y ← keep·y + (1-keep)·avgpool3×3(y)`` after leaving the sketch."""
     fixed: tuple[float, float] | None = None
     """``(s, r)`` for ``mode = fixed``."""
+    budget_counting: BudgetCounting = BudgetCounting.RELEASED
+    """Step counting of the density the budget filter uses: ``released`` (eq. 7, the paper's numbers) or
+    ``executed`` (the model calls as they run; closer to the real cost at 4-12 steps)."""
+    meanflow_switch_end: MeanFlowSwitchEnd = MeanFlowSwitchEnd.STAGE
+    """MeanFlow (``timestep_r``) checkpoints: the interval end given to a stage's last model call, whose average
+    velocity the transition extrapolates to ``x̂0``. Within a stage it is always the stage schedule's next
+    timestep, and 0 at the very last call."""
 
     def __post_init__(self) -> None:
         # Coerce strings from YAML/CLI into enums so callers may pass either.
@@ -89,6 +116,8 @@ class DVGOptions:
             ("temporal_demand", TemporalDemandMethod),
             ("resize", ResizeMode),
             ("renoise", RenoiseMode),
+            ("budget_counting", BudgetCounting),
+            ("meanflow_switch_end", MeanFlowSwitchEnd),
         ):
             value = getattr(self, name)
             if not isinstance(value, enum):

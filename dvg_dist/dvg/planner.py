@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .options import DVGOptions, Mode
+from .options import BudgetCounting, DVGOptions, Mode
 from .schedule import executed_step_counts, released_step_counts, stage_boundaries
 
 
@@ -135,6 +135,11 @@ class Planner:
         self.boundaries = stage_boundaries(self.num_steps, self.options.boundary_fractions)
         self.step_counts = released_step_counts(self.num_steps, self.boundaries)
         self.executed_counts = executed_step_counts(self.num_steps, self.boundaries)
+        self.counts_executed = self.options.budget_counting == BudgetCounting.EXECUTED
+
+    def budget_density(self, c: Candidate) -> float:
+        """The density the budget filter compares with ρ* (``options.budget_counting``)."""
+        return c.executed_density if self.counts_executed else c.density
 
     # -- grids ---------------------------------------------------------------------------------------
 
@@ -213,20 +218,25 @@ class Planner:
         """Eq. 8: actions within δ of the budget, sorted by (|gap|, −ρ, −s, −T₂₃)."""
         cands = self.candidates(mode)
         eps = 1e-12  # a density exactly δ away is inside, whatever the float rounding of the subtraction
-        kept = [c for c in cands if abs(c.density - self.budget) <= self.options.delta + eps]
+        kept = [c for c in cands if abs(self.budget_density(c) - self.budget) <= self.options.delta + eps]
         if not kept:
-            dens = sorted({c.density for c in cands})
+            dens = sorted({self.budget_density(c) for c in cands})
             lo, hi = dens[0], dens[-1]
             below = [d for d in dens if d < self.budget]
             above = [d for d in dens if d > self.budget]
             nearest = ", ".join(f"{d:.3f}" for d in ([below[-1]] if below else []) + ([above[0]] if above else []))
             hint = " (try dvg.s_grid=0.05)" if mode == Mode.SPATIAL_ONLY and self.options.s_grid > 0.05 else ""
+            if not self.counts_executed and self.budget < lo and self.num_steps <= 12:
+                # At few steps the released counting charges each boundary call to the next, larger stage.
+                executed = min(c.executed_density for c in cands)
+                hint += f"; counting the calls as they run (dvg.budget_counting=executed) the lowest is {executed:.3f}"
+            counting = "executed" if self.counts_executed else "released"
             raise InfeasibleBudget(
                 f"budget {self.budget:g} is infeasible for latent {self.full} with {self.num_steps} steps in mode "
-                f"{mode.value}: no action is within {self.options.delta:g} of it; reachable densities are "
-                f"{lo:.3f}-{hi:.3f} with gaps, the nearest being {nearest}{hint}"
+                f"{mode.value}: no action is within {self.options.delta:g} of it; reachable densities ({counting} "
+                f"counting) are {lo:.3f}-{hi:.3f} with gaps, the nearest being {nearest}{hint}"
             )
-        return sorted(kept, key=lambda c: sort_key(c, self.budget))
+        return sorted(kept, key=lambda c: sort_key(c, self.budget, self.counts_executed))
 
     def choose(self, w_s: float, mode: Mode = Mode.DVG) -> tuple[Candidate, list[Candidate]]:
         """The action for demand weight ``w_s`` (``w_t = 1 - w_s``), and the sorted feasible set.
@@ -239,10 +249,11 @@ class Planner:
         return match(feasible, w_s, 1.0 - w_s, self.options.lam), feasible
 
 
-def sort_key(c: Candidate, budget: float) -> tuple[float, float, float, int]:
+def sort_key(c: Candidate, budget: float, executed: bool = False) -> tuple[float, float, float, int]:
     """The filter's order: (|ρ − ρ*|, −ρ, −s, −T₂₃) — closest to the budget, then the denser, then the
-    larger s, then more frames."""
-    return (abs(c.density - budget), -c.density, -c.s, -c.t23)
+    larger s, then more frames. ``ρ`` is the released density, or the executed one when ``executed``."""
+    d = c.executed_density if executed else c.density
+    return (abs(d - budget), -d, -c.s, -c.t23)
 
 
 def match(feasible: Sequence[Candidate], w_s: float, w_t: float, lam: float = 0.5) -> Candidate:

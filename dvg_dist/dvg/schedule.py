@@ -44,17 +44,32 @@ def sigma_to_timestep(sigma: float) -> float:
 
 
 def stage_boundaries(num_steps: int, fractions: Sequence[float] = (0.28, 0.50, 0.72)) -> list[int]:
-    """Model-call indices after which the stage switches: ``⌊f·N⌋`` for each fraction.
+    """Model-call indices after which the stage switches: ``⌊f·N⌋`` for each fraction, pushed apart where the
+    floors collide so that every stage runs at least one model call on its own grid.
 
-    N=50 → [14, 25, 36]; N=12 → [3, 6, 8]. The call *on* a boundary still runs on the old grid; its
-    velocity is what the transition extrapolates from.
+    N=50 → [14, 25, 36]; N=12 → [3, 6, 8]; N=8 → [2, 4, 5]; N=4 → [0, 1, 2] (the floors [1, 2, 2] would leave
+    stage 3 without a call). The call *on* a boundary still runs on the old grid; its velocity is what the
+    transition extrapolates from. Boundaries must be strictly increasing and at most N-2 (the refine stage needs a
+    call after the last switch), so the four stages need N ≥ 4; fewer is an error.
     """
-    bounds = [math.floor(f * num_steps) for f in fractions]
-    if any(not 0 <= b < num_steps - 1 for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:])):
+    if num_steps < 4:
         raise ValueError(
-            f"stage boundaries {bounds} (fractions {list(fractions)} of {num_steps} steps) must be strictly "
-            f"increasing and inside [0, {num_steps - 2}]; use more steps or other fractions"
+            f"DVG's four stages need at least 4 steps (one model call each); got {num_steps}: use more steps or "
+            "mode full"
         )
+    floors = [math.floor(f * num_steps) for f in fractions]
+    if len(floors) != 3 or not 0 <= floors[0] <= floors[1] <= floors[2] < num_steps:
+        raise ValueError(
+            f"stage boundaries {floors} (fractions {list(fractions)} of {num_steps} steps) must be 3 non-decreasing "
+            f"indices inside [0, {num_steps - 1}]"
+        )
+    # Few steps: collisions are resolved by moving a boundary one call later, and off the end by moving earlier.
+    bounds = list(floors)
+    for k in range(1, 3):
+        bounds[k] = max(bounds[k], bounds[k - 1] + 1)
+    bounds[2] = min(bounds[2], num_steps - 2)
+    for k in (1, 0):
+        bounds[k] = min(bounds[k], bounds[k + 1] - 1)
     return bounds
 
 
