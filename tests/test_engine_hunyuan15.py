@@ -4,6 +4,7 @@ and under DVG every stage sees the I2V condition sampled at its own coordinates 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from diffusers import ClassifierFreeGuidance, DiffusionPipeline
 from PIL import Image
 
 from dvg_dist.config import load_config
-from dvg_dist.dvg import Grid, hash_noise
+from dvg_dist.dvg import Grid, flow_sigmas, hash_noise
 from dvg_dist.dvg.resize import sample_at, stage_coords
 from dvg_dist.executors.local import main as generate_main
 from dvg_dist.models import HunyuanVideo15Adapter, InputError
@@ -164,6 +165,117 @@ def test_dvg_t2v_runs_with_zero_condition_channels(t2v):
     _check_stages(result, seen, torch.zeros(1, C + 1, FULL.t, FULL.h, FULL.w), passes=1)
 
 
+# -- (c) MeanFlow (step-distilled) checkpoints: timestep_r ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def meanflow(tiny_checkpoint) -> dict[str, tuple[Path, Any]]:
+    out = {}
+    for family in ("hunyuan15-meanflow", "hunyuan15-meanflow-i2v"):
+        path = tiny_checkpoint(family)
+        out[family] = (path, DiffusionPipeline.from_pretrained(path, use_safetensors=True))
+    return out
+
+
+def _capture_r(pipe: Any) -> tuple[list[tuple[float, float]], Any]:
+    """Every transformer call's (timestep, timestep_r), checked to be the transformer's dtype and one per sample."""
+    seen: list[tuple[float, float]] = []
+
+    def hook(module, args, kwargs):
+        t, r = kwargs["timestep"], kwargs["timestep_r"]
+        assert r is not None and r.dtype == t.dtype == module.dtype and r.shape == t.shape, (r, t)
+        seen.append((float(t[0]), float(r[0])))
+
+    return seen, pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("family", ["hunyuan15-meanflow", "hunyuan15-meanflow-i2v"])
+def test_meanflow_full_mode_equals_the_pipeline(meanflow, image_path, family):
+    """``--mode full`` on a MeanFlow checkpoint is the I2V pipeline's own loop: ``timestep_r = timesteps[i + 1]``,
+    0 at the last step. diffusers' T2V pipeline (0.42) passes no ``timestep_r`` at all, so its reference here is the
+    same pipeline with the I2V pipeline's rule put in by a pre-hook; without it the result differs."""
+    path, pipe = meanflow[family]
+    i2v = family.endswith("i2v")
+    request = Request(PROMPT, seed=5, image=str(image_path) if i2v else None)
+    cfg = _config(family.replace("-meanflow", ""), path, "sampling.mode=full", "sampling.steps=4",
+                  "sampling.guidance_scale=1.0")  # fmt: skip
+    seen, handle = _capture_r(pipe)
+    try:
+        ours = Engine(cfg, pipe).generate([request], decode=False, progress=False)
+    finally:
+        handle.remove()
+    timesteps = [t.timestep for t in ours.trace]
+    assert seen == list(zip(timesteps, [*timesteps[1:], 0.0])), seen
+    assert [t.next_timestep for t in ours.trace] == [*timesteps[1:], 0.0]
+    kwargs: dict[str, Any] = {"image": Image.open(image_path).convert("RGB")} if i2v else {"height": 64, "width": 64}
+    if i2v:
+        ref = _pipeline_latent(pipe, 5, 4, 1.0, **kwargs)
+    else:
+        plain = _pipeline_latent(pipe, 5, 4, 1.0, **kwargs)
+        calls = iter([*timesteps[1:], 0.0])
+
+        def add_r(module, args, kw):
+            kw["timestep_r"] = torch.full_like(kw["timestep"], next(calls))
+            return args, kw
+
+        handle = pipe.transformer.register_forward_pre_hook(add_r, with_kwargs=True)
+        try:
+            ref = _pipeline_latent(pipe, 5, 4, 1.0, **kwargs)
+        finally:
+            handle.remove()
+        assert _rel(plain, ref) > 1e-3, "timestep_r has no effect on the tiny MeanFlow transformer"
+    assert [float(t) for t in pipe.scheduler.timesteps] == timesteps, "not the pipeline's schedule"
+    diff = _rel(ours.latent, ref)
+    print(f"{family}: relative difference to the pipeline {diff:.2e}")
+    assert diff < 1e-6, f"engine full mode differs from the {family} pipeline by {diff:.2e}"
+
+
+def test_meanflow_dvg_timestep_r_follows_each_stage_schedule(meanflow, image_path):
+    """Under DVG each call's ``timestep_r`` is the next timestep of its own stage's schedule (released stage shifts
+    5/9/11/11 here, so the stages' schedules differ), 0 at the very end; ``dvg.meanflow_switch_end=zero`` gives 0 at
+    each stage's last call instead, which changes the result."""
+    path, pipe = meanflow["hunyuan15-meanflow-i2v"]
+    request = Request(PROMPT, seed=2, image=str(image_path))
+    results = {}
+    for end in ("stage", "zero"):
+        cfg = _config("hunyuan15-i2v", path, "sampling.steps=12", "sampling.guidance_scale=1.0",
+                      "dvg.stage_shifts=[null, 9.0, 11.0, 11.0]", f"dvg.meanflow_switch_end={end}")  # fmt: skip
+        seen, handle = _capture_r(pipe)
+        try:
+            result = Engine(cfg, pipe).generate([request], decode=False, progress=False)
+        finally:
+            handle.remove()
+        bounds = result.record.boundaries
+        assert len(seen) == 12 and {t.stage for t in result.trace} == {0, 1, 2, 3}
+        for (t, r), trace in zip(seen, result.trace):
+            i, stage = trace.step, trace.stage
+            sigmas = flow_sigmas(12, [5.0, 9.0, 11.0, 11.0][stage])
+            assert t == pytest.approx(1000 * float(sigmas[i]), rel=1e-5)
+            want = 0.0 if i == 11 or (end == "zero" and i in bounds) else 1000 * float(sigmas[i + 1])
+            assert r == pytest.approx(want, rel=1e-5, abs=1e-4), f"{end}: call {i} (stage {stage + 1}) r={r}"
+            assert r < t and trace.next_timestep == pytest.approx(r, rel=1e-5, abs=1e-4)
+        results[end] = result.latent
+    assert _rel(results["stage"], results["zero"]) > 1e-4, "meanflow_switch_end has no effect"
+
+
+def test_meanflow_refuses_a_multistep_scheduler_before_loading(meanflow, image_path, tmp_path, capsys):
+    """A MeanFlow checkpoint whose scheduler is UniPC is refused in one line before any weight loads (the copy's
+    transformer weights are garbage, so loading them would fail differently)."""
+    path, _ = meanflow["hunyuan15-meanflow-i2v"]
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+    unipc = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction", "use_flow_sigmas": True}
+    (bad / "scheduler" / "scheduler_config.json").write_text(json.dumps(unipc))
+    out = tmp_path / "out"
+    argv = ["--config", str(ROOT / "configs" / "tiny-hunyuan15-i2v.yaml"), "--model", str(bad), "--prompt", "x",
+            "--image", str(image_path), "--guidance_scale", "1", "--out", str(out)]  # fmt: skip
+    assert generate_main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "need FlowMatchEulerDiscreteScheduler" in errors[0], errors
+    assert not out.exists()
+
+
 # -- adapter declarations ------------------------------------------------------------------------------
 
 
@@ -190,7 +302,7 @@ def test_spec_cost_model_and_guidance_mapping(t2v):
         pipe.guider = saved
 
 
-# -- (c) launch/generate.py ---------------------------------------------------------------------------------
+# -- (d) launch/generate.py ---------------------------------------------------------------------------------
 
 
 def test_generate_i2v_writes_video_and_sidecar(i2v, image_path, tmp_path):

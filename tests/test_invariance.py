@@ -25,6 +25,8 @@ FAMILIES = {
     "hunyuan": ("tiny-hunyuan.yaml", ["sampling.true_cfg_scale=3.5", "sampling.negative_prompt=blurry"], False),
     "hunyuan15": ("tiny-hunyuan15.yaml", [], False),
     "hunyuan15-i2v": ("tiny-hunyuan15-i2v.yaml", [], True),
+    # MeanFlow: timestep_r rides along every sharded forward; CFG kept on so CFG-parallel carries it in both halves.
+    "hunyuan15-meanflow-i2v": ("tiny-hunyuan15-i2v.yaml", [], True),
 }
 # (ulysses, ring, cfg) per world size; the first layout of each world size also runs `full`.
 LAYOUTS = {2: [(2, 1, 1), (1, 2, 1), (1, 1, 2)], 3: [(1, 3, 1)], 4: [(2, 2, 1)]}

@@ -415,3 +415,64 @@ def test_out_of_range_decision_raises(s, t23):
 
     with pytest.raises(ValueError, match="decide returned"):
         sample(velocity, config(GRIDS[0], 12, budget=0.5), SEED, C, decide=lambda x0: Decision(s, t23))
+
+
+# -- few steps and the interval end (MeanFlow's timestep_r) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("switch_end", ["stage", "zero"])
+@pytest.mark.parametrize("n", [4, 6, 8, 12])
+def test_few_steps_and_next_timestep_follow_each_stage_schedule(make_field, make_oracle, n, switch_end):
+    """At 4-12 steps every stage runs at least one call, the oracle still lands on its target, and each call's
+    ``next_timestep`` is the next timestep of *its own stage's* schedule (0 at the last call; at a stage's last
+    call the old stage's next one, or 0 with ``meanflow_switch_end=zero``), always below the call's timestep."""
+    full = GRIDS[0]
+    shifts = (None, 9.0, 11.0, 11.0)
+    cfg = config(full, n, Mode.DVG, meanflow_switch_end=switch_end, stage_shifts=shifts)
+    target = make_field(1, C, full, seed=1)
+    oracle = make_oracle(target, full)  # a straight path: its velocity is also the exact average velocity
+    out, record = sample(oracle, cfg, SEED, C)
+    err = maxdiff(out, target)
+    assert err < 2e-6, f"N={n}: output differs from the oracle's target by {err:.3e}"
+    bounds = stage_boundaries(n)
+    assert {c.ctx.stage for c in oracle.calls} == {0, 1, 2, 3}
+    assert record.executed_counts == executed_step_counts(n, bounds) and min(record.executed_counts) >= 1
+    for call in oracle.calls:
+        i, k = call.ctx.step, call.ctx.stage
+        sigmas = flow_sigmas(n, MODEL_SHIFT if shifts[k] is None else shifts[k])
+        assert call.timestep == pytest.approx(sigma_to_timestep(float(sigmas[i])), abs=1e-9)
+        zero = i == n - 1 or (switch_end == "zero" and i in bounds)
+        want = 0.0 if zero else sigma_to_timestep(float(sigmas[i + 1]))
+        assert call.ctx.next_timestep == pytest.approx(want, abs=1e-9), f"N={n}, call {i} (stage {k + 1})"
+        assert call.ctx.next_timestep < call.timestep, f"N={n}, call {i}: interval end not below its start"
+
+
+def test_the_next_stages_first_timestep_is_no_interval_end():
+    """Why a stage's last call does not end at the next stage's first timestep: the next stage's larger shift puts
+    it at or above the current one at the sketch switch (N=8: equal, N=12 and 50: above), an interval of zero or
+    negative length."""
+    for n, relation in [(8, "equal"), (12, "above"), (50, "above")]:
+        b = stage_boundaries(n)[0]
+        here, there = float(flow_sigmas(n, MODEL_SHIFT)[b]), float(flow_sigmas(n, 9.0)[b + 1])
+        assert (there == pytest.approx(here)) if relation == "equal" else there > here, (n, here, there)
+
+
+def test_x0_from_an_average_velocity_on_gaussian_data():
+    """``x̂0 = x_σ - σ·u(σ, r)`` with the exact average velocity of Gaussian data N(0, s²) (each noise ε rides the
+    straight-in-law path x_σ = sd(σ)·ε, sd² = (1-σ)²s² + σ²): r = 0 gives the ODE's endpoint s·ε exactly; r → σ gives
+    the posterior mean (1-σ)s²/sd(σ)·ε, the extrapolation an ordinary velocity model makes."""
+    from dvg_dist.dvg import extrapolate_x0
+
+    s, eps = 1.0, torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def sd(sigma: float) -> float:
+        return ((1 - sigma) ** 2 * s**2 + sigma**2) ** 0.5
+
+    def u(sigma: float, r: float) -> torch.Tensor:  # (x_σ - x_r) / (σ - r) along the flow's own path
+        return (sd(sigma) - sd(r)) / (sigma - r) * eps
+
+    sigma = 0.9375  # the sketch switch of a 12-step run at shift 5
+    endpoint = extrapolate_x0(sd(sigma) * eps, u(sigma, 0.0), sigma)
+    assert maxdiff(endpoint, s * eps) < 1e-12
+    near = extrapolate_x0(sd(sigma) * eps, u(sigma, sigma - 1e-7), sigma)
+    assert maxdiff(near, (1 - sigma) * s**2 / sd(sigma) * eps) < 1e-6

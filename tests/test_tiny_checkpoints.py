@@ -33,6 +33,8 @@ EXPECTED = {
     "hunyuan": ("HunyuanVideoPipeline", "FlowMatchEulerDiscreteScheduler"),
     "hunyuan15": ("HunyuanVideo15Pipeline", "FlowMatchEulerDiscreteScheduler"),
     "hunyuan15-i2v": ("HunyuanVideo15ImageToVideoPipeline", "FlowMatchEulerDiscreteScheduler"),
+    "hunyuan15-meanflow": ("HunyuanVideo15Pipeline", "FlowMatchEulerDiscreteScheduler"),
+    "hunyuan15-meanflow-i2v": ("HunyuanVideo15ImageToVideoPipeline", "FlowMatchEulerDiscreteScheduler"),
 }
 # 17 frames × 64×64 pixels: VAE 4×8×8 (Wan, HunyuanVideo) or 4×16×16 (HV-1.5), 16 latent channels.
 LATENT = {f: (1, 16, 5, 4, 4) if f.startswith("hunyuan15") else (1, 16, 5, 8, 8) for f in FAMILIES}
@@ -50,7 +52,7 @@ def run_pipe(pipe: Any, family: str, meta: dict[str, Any], prompt: str) -> torch
     """Three steps, ``output_type="latent"``, fixed latents, guidance on (real CFG for every family)."""
     latents = torch.randn(LATENT[family], generator=torch.Generator().manual_seed(0))
     kw: dict[str, Any] = dict(num_frames=17, num_inference_steps=3, output_type="latent", latents=latents)
-    if family != "hunyuan15-i2v":  # HV-1.5 I2V takes its size from the image
+    if not (family.startswith("hunyuan15") and family.endswith("i2v")):  # HV-1.5 I2V takes its size from the image
         kw.update(height=64, width=64)
     if family.startswith("wan"):
         kw.update(guidance_scale=5.0, negative_prompt="blurry, static")
@@ -86,7 +88,9 @@ def test_loads_offline_as_the_real_pipeline_and_scheduler(family: str, tiny_chec
     if family == "hunyuan":
         assert set(meta["prompt_template"]) == {"template", "crop_start"}
     if family.startswith("hunyuan15"):
-        assert pipe.guider.guidance_scale > 1.0
+        meanflow = "meanflow" in family  # step- and guidance-distilled: timestep_r, one pass
+        assert pipe.transformer.config.use_meanflow == meanflow
+        assert pipe.guider.guidance_scale == 1.0 if meanflow else pipe.guider.guidance_scale > 1.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -22,7 +22,7 @@ import torch
 
 from .demands import Demands, analyse
 from .noise import as_seed_list, hash_noise, random_noise
-from .options import DVGOptions, Mode, RenoiseMode, ResizeMode
+from .options import DVGOptions, MeanFlowSwitchEnd, Mode, RenoiseMode, ResizeMode
 from .planner import COST_PRESETS, Candidate, CostModel, Grid, Planner, full_candidate
 from .resize import resize, stage_coords
 from .schedule import flow_sigmas, sigma_to_timestep
@@ -46,6 +46,10 @@ class StageContext:
     """0-based model-call index within the N steps."""
     sigma: float
     shift: float
+    next_timestep: float = 0.0
+    """Where this call's step ends: the stage schedule's next timestep, 0 at the last call, and at a stage's last
+    call what ``options.meanflow_switch_end`` says. Average-velocity (MeanFlow) models take it as ``timestep_r``;
+    the rest ignore it."""
 
 
 VelocityFn = Callable[[torch.Tensor, float, StageContext], torch.Tensor]
@@ -266,11 +270,16 @@ def sample(
 
     for i in range(n):
         sigma = float(sigmas[i])
-        ctx = StageContext(stage, grids[stage], coords[stage], i, sigma, shift)
+        switching = stage < len(boundaries) and i == boundaries[stage]
+        if i == n - 1 or (switching and opts.meanflow_switch_end == MeanFlowSwitchEnd.ZERO):
+            next_timestep = 0.0
+        else:
+            next_timestep = step_rule.timestep(i + 1)  # before a switch: the old stage's schedule, not the new one
+        ctx = StageContext(stage, grids[stage], coords[stage], i, sigma, shift, next_timestep)
         v = velocity(x, step_rule.timestep(i), ctx)
         if v.shape != x.shape:
             raise ValueError(f"velocity at step {i} has shape {tuple(v.shape)}; the latent is {tuple(x.shape)}")
-        if stage >= len(boundaries) or i != boundaries[stage]:
+        if not switching:
             x = step_rule.step(x, v, i)
             continue
 

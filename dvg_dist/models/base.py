@@ -203,6 +203,16 @@ class Adapter(ABC):
     def timestep_tensor(self, timestep: float, batch: int) -> torch.Tensor:
         """How the family passes the timestep (dtype, shape) — exactly as its pipeline does."""
 
+    def step_kwargs(self, ctx: StageContext, batch: int) -> dict[str, Any]:
+        """Per-call transformer kwargs besides the conditioning (MeanFlow's ``timestep_r``); none by default."""
+        return {}
+
+    @classmethod
+    def check_checkpoint(cls, path: str | Path, config: Any) -> None:
+        """Refuse, before any weight loads, a run ``config`` that this checkpoint cannot take (one line); the
+        default refuses nothing."""
+        return None
+
     def forward(
         self, module: torch.nn.Module, x_in: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]
     ) -> torch.Tensor:

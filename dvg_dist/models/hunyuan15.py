@@ -17,6 +17,10 @@ What the two pipelines' ``__call__`` do, and how this adapter reproduces it with
   combines ``pred_uncond + g·(pred_cond - pred_uncond)`` — the engine's own formula. See
   :meth:`HunyuanVideo15Adapter.guidance_for` for how ``sampling.guidance_scale`` maps onto it.
 - Timestep: the scheduler's timestep expanded over the batch in the transformer's dtype.
+- MeanFlow (step-distilled, ``use_meanflow``) checkpoints also take ``timestep_r``, the end of the interval whose
+  average velocity they return: the I2V pipeline's ``timesteps[i + 1]`` (0 at the last step), here the next
+  timestep of the current DVG stage's schedule (:meth:`HunyuanVideo15Adapter.step_kwargs`). diffusers' T2V
+  pipeline passes none; the same rule is used for T2V. Only Euler steps are allowed (one step = one interval).
 - Decode: ``vae.decode(latents / scaling_factor)`` then ``video_processor.postprocess_video``.
 
 I2V size: the I2V pipeline derives its size from the image's aspect ratio and the transformer's
@@ -28,14 +32,17 @@ exactly (the bucket is logged when it differs).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import SamplingConfig
 from ..dvg.planner import CostModel, Grid
+from ..dvg.sampler import StageContext
 from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
 
 logger = logging.getLogger(__name__)
@@ -71,10 +78,9 @@ class HunyuanVideo15Adapter(Adapter):
 
     def __init__(self, pipe: Any) -> None:
         super().__init__(pipe)
-        if getattr(pipe.transformer.config, "use_meanflow", False):
-            # The step-distilled checkpoints take ``timestep_r`` = the *next* timestep of the schedule, which
-            # the staged sampler's velocity call does not see (and which changes at every stage switch).
-            raise InputError("HunyuanVideo-1.5 meanflow (step-distilled) checkpoints are not supported yet")
+        self.meanflow = bool(getattr(pipe.transformer.config, "use_meanflow", False))
+        if self.meanflow:
+            _check_meanflow_scheduler(type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
         guider: Any = getattr(pipe, "guider", None)
         if type(guider).__name__ != "ClassifierFreeGuidance":
             raise InputError(f"HunyuanVideo-1.5: expected a ClassifierFreeGuidance guider; got {type(guider).__name__}")
@@ -133,6 +139,13 @@ class HunyuanVideo15Adapter(Adapter):
             raise InputError(f"this is an image-to-video checkpoint ({name}): pass --image")
         batch, dtype, device = len(prompts), self.transformer_dtype, self.device
         do_cfg = self.do_cfg(sampling)
+        own = float(pipe.guider.config.guidance_scale)
+        if do_cfg and math.isclose(own, 0.0 if self.original_formulation else 1.0):
+            logger.warning(
+                "the checkpoint's guider is at %g (a guidance-distilled checkpoint: one pass per step); running CFG at "
+                "%g as configured doubles the passes (--guidance_scale %g runs one)",
+                own, sampling.guidance_scale, own,
+            )  # fmt: skip
         with torch.no_grad():
             cond = self._prompt_kwargs(prompts, batch)
             uncond = self._prompt_kwargs(negative_prompts, batch) if do_cfg else None
@@ -198,3 +211,39 @@ class HunyuanVideo15Adapter(Adapter):
     def timestep_tensor(self, timestep: float, batch: int) -> torch.Tensor:
         # ``t.expand(B).to(latent_model_input.dtype)``: the latent input is in the transformer's dtype.
         return torch.full((batch,), timestep, device=self.device, dtype=self.transformer_dtype)
+
+    def step_kwargs(self, ctx: StageContext, batch: int) -> dict[str, Any]:
+        """MeanFlow checkpoints: ``timestep_r``, the end of the interval whose average velocity the model returns.
+        The I2V pipeline passes ``timesteps[i + 1]`` (0 at the last call) in the latents' dtype, which is the
+        transformer's; under DVG it is the next timestep of the *current stage's* schedule (each stage has its own
+        shift), and at a stage's last call what ``dvg.meanflow_switch_end`` says (:class:`StageContext`)."""
+        if not self.meanflow:
+            return {}
+        return {"timestep_r": self.timestep_tensor(ctx.next_timestep, batch)}
+
+    @classmethod
+    def check_checkpoint(cls, path: str | Path, config: Any) -> None:
+        transformer, _ = cls.read_json_configs(path)
+        if not transformer.get("use_meanflow", False):
+            return
+        try:
+            scheduler = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: cannot read the scheduler config ({e})") from None
+        _check_meanflow_scheduler(str(scheduler.get("_class_name")), scheduler)
+
+
+def _check_meanflow_scheduler(name: str, config: dict[str, Any]) -> None:
+    """A MeanFlow model returns the *average* velocity over [timestep_r, timestep]: exactly what one Euler step of
+    that length needs, and what a multistep or stochastic solver (which treats its inputs as instantaneous
+    velocities at one point) must not be given."""
+    if name != "FlowMatchEulerDiscreteScheduler":
+        raise InputError(
+            f"HunyuanVideo-1.5 MeanFlow (use_meanflow) checkpoints need FlowMatchEulerDiscreteScheduler: each call "
+            f"returns an average velocity over one step; the checkpoint's scheduler is {name}"
+        )
+    if config.get("stochastic_sampling", False):
+        raise InputError(
+            "HunyuanVideo-1.5 MeanFlow (use_meanflow) checkpoints need deterministic Euler steps; the scheduler "
+            "sets stochastic_sampling"
+        )

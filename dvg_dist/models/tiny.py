@@ -24,8 +24,18 @@ from typing import Any
 
 import torch
 
-FAMILIES: tuple[str, ...] = ("wan", "wan-moe", "wan-i2v", "hunyuan", "hunyuan15", "hunyuan15-i2v")
-"""Families :func:`build_tiny_checkpoint` writes."""
+FAMILIES: tuple[str, ...] = (
+    "wan",
+    "wan-moe",
+    "wan-i2v",
+    "hunyuan",
+    "hunyuan15",
+    "hunyuan15-i2v",
+    "hunyuan15-meanflow",
+    "hunyuan15-meanflow-i2v",
+)
+"""Families :func:`build_tiny_checkpoint` writes. The ``-meanflow`` ones are HV-1.5 step-distilled checkpoints:
+``use_meanflow=True`` (the transformer takes ``timestep_r``) and a guider at scale 1 (guidance-distilled: one pass)."""
 
 TINY_META_FILE = "dvg_tiny.json"
 """The per-checkpoint JSON file with what a caller must pass (``prompt_template`` for HunyuanVideo)."""
@@ -299,7 +309,7 @@ def _hunyuan(seed: int) -> tuple[Any, dict[str, Any]]:
     return pipe, meta
 
 
-def _hunyuan15(seed: int, image: bool) -> tuple[Any, dict[str, Any]]:
+def _hunyuan15(seed: int, image: bool, meanflow: bool = False) -> tuple[Any, dict[str, Any]]:
     from diffusers import (
         AutoencoderKLHunyuanVideo15,
         ClassifierFreeGuidance,
@@ -345,6 +355,7 @@ def _hunyuan15(seed: int, image: bool) -> tuple[Any, dict[str, Any]]:
                 rope_axes_dim=_HV_ROPE,
                 target_size=64,
                 task_type="i2v" if image else "t2v",
+                use_meanflow=meanflow,
             )
         )
     with _seeded(seed, "vae"):
@@ -360,9 +371,11 @@ def _hunyuan15(seed: int, image: bool) -> tuple[Any, dict[str, Any]]:
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
-        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+        guider=ClassifierFreeGuidance(guidance_scale=1.0 if meanflow else 6.0),
     )
     notes = "No guidance_scale argument: replace pipe.guider (ClassifierFreeGuidance). ByT5 runs on quoted text."
+    if meanflow:
+        notes += " MeanFlow: the transformer takes timestep_r (the next timestep; 0 at the last step)."
     if not image:
         return HunyuanVideo15Pipeline(**parts), {"notes": notes}
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
@@ -388,6 +401,8 @@ _BUILDERS: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "hunyuan": _hunyuan,
     "hunyuan15": lambda s: _hunyuan15(s, image=False),
     "hunyuan15-i2v": lambda s: _hunyuan15(s, image=True),
+    "hunyuan15-meanflow": lambda s: _hunyuan15(s, image=False, meanflow=True),
+    "hunyuan15-meanflow-i2v": lambda s: _hunyuan15(s, image=True, meanflow=True),
 }
 
 

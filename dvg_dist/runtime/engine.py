@@ -51,6 +51,8 @@ class StepTrace:
     expert: str
     grid: tuple[int, int, int]
     guidance: float
+    next_timestep: float = 0.0
+    """Where the call's step ends (what a MeanFlow checkpoint is given as ``timestep_r``)."""
 
 
 @dataclass
@@ -95,6 +97,7 @@ def validate(config: Config, requests: list[Request]) -> Grid:
     grid = full_grid(config, cls, path)
     spec = cls.read_spec(path)
     check_tiling(TileSettings.from_config(config.model), cls.read_json_configs(path)[1])
+    cls.check_checkpoint(path, config)
     s = config.sampling
     if s.mode != Mode.FULL:
         cost = cost_model(config, cls, cls.read_json_configs(path)[0])
@@ -251,19 +254,21 @@ class Engine:
             g = adapter.guidance_for(timestep, s)
             x_in = adapter.model_input(x, ctx, conditioning, grid)
             t = adapter.timestep_tensor(timestep, x.shape[0])
+            step = adapter.step_kwargs(ctx, x.shape[0])  # MeanFlow's timestep_r; usually empty
             with torch.no_grad():
                 if cfg_parallel:
                     # Each half of the world runs one branch; one exchange gives both to everyone.
                     assert par is not None and conditioning.uncond is not None
                     mine = conditioning.cond if par.cfg_rank == 0 else conditioning.uncond
-                    v, v_uncond = par.exchange_cfg(adapter.forward(module, x_in, t, mine))
+                    v, v_uncond = par.exchange_cfg(adapter.forward(module, x_in, t, {**mine, **step}))
                     v = v_uncond + g * (v - v_uncond)
                 else:
-                    v = adapter.forward(module, x_in, t, conditioning.cond)
+                    v = adapter.forward(module, x_in, t, {**conditioning.cond, **step})
                     if conditioning.uncond is not None:
-                        v_uncond = adapter.forward(module, x_in, t, conditioning.uncond)
+                        v_uncond = adapter.forward(module, x_in, t, {**conditioning.uncond, **step})
                         v = v_uncond + g * (v - v_uncond)
-            trace.append(StepTrace(ctx.step, ctx.stage, timestep, expert, (ctx.grid.t, ctx.grid.h, ctx.grid.w), g))
+            grid_k = (ctx.grid.t, ctx.grid.h, ctx.grid.w)
+            trace.append(StepTrace(ctx.step, ctx.stage, timestep, expert, grid_k, g, ctx.next_timestep))
             bars.update(ctx)
             return v.to(x.dtype)
 
