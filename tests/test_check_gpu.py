@@ -18,7 +18,12 @@ from dvg_dist.runtime.check_gpu import REAL_ARCHS, build_transformer, main, mate
 
 ROOT = Path(__file__).resolve().parents[1]
 # hidden = heads × 128, parameters at the released depth (Wan2.1 14B, HunyuanVideo 13B, HunyuanVideo-1.5 8.3B).
-REAL = {"wan": (40, 5120, 14.0e9, 14.5e9), "hunyuan": (24, 3072, 12.5e9, 13.2e9), "hunyuan15": (16, 2048, 8.2e9, 8.4e9)}
+REAL = {
+    "wan": (40, 5120, 14.0e9, 14.5e9),
+    "hunyuan": (24, 3072, 12.5e9, 13.2e9),
+    "hunyuan15": (16, 2048, 8.2e9, 8.4e9),
+    "hunyuan15-distill": (16, 2048, 8.2e9, 8.4e9),  # + the timestep_r embedder
+}
 TINY = ["--layers", "1", "--size", "64x64", "--text_len", "8", "--steps-per-stage", "1"]
 
 
@@ -63,10 +68,12 @@ def _check_report(r: dict[str, Any], family: str, world: int) -> None:
     assert j["speedup_flop_model"] == pytest.approx(1 / r["plan"]["flop_density"])
 
 
-@pytest.mark.parametrize("family", ["wan", "hunyuan", "hunyuan15"])
+@pytest.mark.parametrize("family", ["wan", "hunyuan", "hunyuan15", "hunyuan15-distill"])
 def test_real_width_one_process(family: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     r, out = _run(tmp_path, capsys, "--family", family, *TINY, "--frame_num", "9")
     _check_report(r, family, world=1)
+    if family == "hunyuan15-distill":  # the step-distilled recipe: 12 steps, a MeanFlow transformer
+        assert r["steps"] == 12 and r["config"]["use_meanflow"] and r["config"]["task_type"] == "i2v"
     assert r["layers"] == 1 and r["dtype"] == "bfloat16" and r["memory_kind"] == "rss_high_water"
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("stage"))

@@ -119,10 +119,25 @@ REAL_ARCHS: dict[str, RealArch] = {
         depth=(("num_layers", 1),),
         source="hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v (8.3B: 54 dual-stream blocks)",
     ),
+    "hunyuan15-distill": RealArch(
+        family="hunyuanvideo15",
+        model_class="HunyuanVideo15Transformer3DModel",
+        config={
+            "in_channels": 65, "out_channels": 32, "num_attention_heads": 16, "attention_head_dim": 128,
+            "num_layers": 54, "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 1, "patch_size_t": 1,
+            "qk_norm": "rms_norm", "text_embed_dim": 3584, "text_embed_2_dim": 1472, "image_embed_dim": 1152,
+            "rope_theta": 256.0, "rope_axes_dim": [16, 56, 56], "target_size": 480, "task_type": "i2v",
+            "use_meanflow": True,
+        },
+        vae={"latent_channels": 32, "temporal_compression_ratio": 4, "spatial_compression_ratio": 16},
+        run_config="hunyuanvideo15-i2v-480p-stepdistill.yaml",
+        depth=(("num_layers", 1),),
+        source="HunyuanVideo-1.5 480p I2V step-distilled (8.3B, MeanFlow: timestep_r; guidance 1, one pass per step)",
+    ),
 }
 # fmt: on
 
-TEXT_TOKENS = {"wan": (512,), "hunyuan": (256,), "hunyuan15": (1000, 256, 729)}
+TEXT_TOKENS = {"wan": (512,), "hunyuan": (256,), "hunyuan15": (1000, 256, 729), "hunyuan15-distill": (1000, 256, 729)}
 """Text tokens per forward of each stream at real size: umT5 (Wan); Llama after the template crop (HunyuanVideo);
 Qwen2.5-VL, ByT5 and SigLIP image tokens (HV-1.5)."""
 
@@ -222,17 +237,24 @@ def make_inputs(
             pooled_projections=randn(1, config.pooled_projection_dim),
             guidance=torch.tensor([6000.0], device=device, dtype=dtype),
         )
-    else:  # HV-1.5 T2V: Qwen states + mask, ByT5 zeros (no quoted text), all-zero SigLIP tokens
+    else:  # HV-1.5: Qwen states + mask, ByT5 zeros (no quoted text), SigLIP tokens (all-zero for T2V)
         qwen, byt5, image = lengths
+        i2v = config.task_type == "i2v"
         kwargs.update(
             timestep=torch.tensor([500.0], device=device, dtype=dtype),
             encoder_hidden_states=randn(1, qwen, config.text_embed_dim),
             encoder_attention_mask=mask(qwen, min(PROMPT_TOKENS, qwen)),
             encoder_hidden_states_2=torch.zeros(1, byt5, config.text_embed_2_dim, device=device, dtype=dtype),
             encoder_attention_mask_2=mask(byt5, 0),
-            image_embeds=torch.zeros(1, image, config.image_embed_dim, device=device, dtype=dtype),
+            image_embeds=(randn if i2v else _zeros(device, dtype))(1, image, config.image_embed_dim),
         )
+        if config.use_meanflow:  # the step-distilled checkpoints' interval end (the next timestep)
+            kwargs["timestep_r"] = torch.tensor([400.0], device=device, dtype=dtype)
     return kwargs
+
+
+def _zeros(device: torch.device, dtype: torch.dtype) -> Any:
+    return lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)
 
 
 # -- memory and time ---------------------------------------------------------------------------------------------
@@ -507,7 +529,13 @@ def format_report(r: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    _flag(p, "--family", required=True, choices=sorted(REAL_ARCHS), help="wan (2.1 14B), hunyuan (13B), hunyuan15")
+    _flag(
+        p,
+        "--family",
+        required=True,
+        choices=sorted(REAL_ARCHS),
+        help="wan (2.1 14B), hunyuan (13B), hunyuan15 (8.3B), hunyuan15-distill (8.3B MeanFlow I2V)",
+    )
     _flag(p, "--nproc", type=int, default=1, help="ranks to spawn (one GPU each on CUDA)")
     _flag(p, "--layers", type=int, help="depth (default: the released one; HunyuanVideo: L dual + 2L single)")
     _flag(p, "--size", help="W x H in pixels (default: the family's config)")
