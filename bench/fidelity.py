@@ -2,6 +2,7 @@
 
     python bench/fidelity.py [--config configs/demo-wan.yaml] [--captions 32] [--seeds 0] [--budgets 0.5,0.6]
     python bench/fidelity.py --smoke          # 2 captions, few steps: the test's size
+    python bench/fidelity.py --steps 8 --reference-steps 50 --out bench/results/fidelity_8steps.json
 
 For each held-out caption and seed: the ``full`` run, and at every budget the ``dvg``, ``spatial-only``,
 ``temporal-only``, ``fixed`` and ``random-renoise`` runs, all decoded and compared with that caption's full
@@ -25,6 +26,10 @@ equal demand weights (w_s = w_t = 0.5) over the same feasible set DVG chooses fr
 the planner's δ of the budget, as every dvg plan's is. Each row records its own density. A single-axis
 ablation with no action within δ of the budget (coarse grids have gaps) runs at the nearest reachable
 density (spatial-only first tries ``s_grid = 0.05``); its row says ``relaxed``.
+
+``--reference-steps M`` also runs the full mode at M steps per (caption, seed) and gives every row
+``psnr_vs_reference`` / ``ssim_vs_reference`` against it: at few steps (``--steps 8``), how far each mode is from
+the many-step video, next to how far it is from the full run at its own step count.
 """
 
 from __future__ import annotations
@@ -185,12 +190,23 @@ class Bench:
     colour_tol: float
     sheet_picks: set[tuple[int, int]]
     """(clip, seed) pairs whose frames the contact sheet shows."""
+    reference_steps: int | None = None
+    """Also compare every video with the full run at this many steps (``psnr_vs_reference``)."""
 
     def run(self, bar: Any) -> tuple[list[dict[str, Any]], dict[tuple[int, int, str, float | None], np.ndarray]]:
         items = [(ci, seed) for ci in range(len(self.clips)) for seed in self.seeds]
         self.full: dict[tuple[int, int], np.ndarray] = {}
         self.rows: list[dict[str, Any]] = []
         self.kept: dict[tuple[int, int, str, float | None], np.ndarray] = {}
+        self.reference: dict[tuple[int, int], np.ndarray] = {}
+        if self.reference_steps is not None:
+            ref = self.setup.load(f"sampling.mode={Mode.FULL.value}", f"sampling.steps={self.reference_steps}")
+            for group in _chunks(items, self.batch):
+                requests = [Request(self.clips[ci].caption, seed=seed) for ci, seed in group]
+                frames = self.engine.generate(requests, config=ref, progress=False).frames
+                assert frames is not None
+                self.reference.update({it: frames[k] for k, it in enumerate(group)})
+                bar.update(len(group))
         cfg = self.setup.load(f"sampling.mode={Mode.FULL.value}")
         for group in _chunks(items, self.batch):
             self._generate(cfg, Mode.FULL, None, group, {}, bar)
@@ -264,7 +280,15 @@ class Bench:
         ref = self.full[(ci, seed)]
         clip = self.clips[ci]
         mine = centroids(frames, clip.colour, self.colour_tol)
+        vs_reference = {}
+        if self.reference:
+            far = self.reference[(ci, seed)]
+            vs_reference = {
+                "psnr_vs_reference": as_json_number(psnr(frames, far)),
+                "ssim_vs_reference": ssim(frames, far),
+            }
         return {
+            **vs_reference,
             "psnr": as_json_number(psnr(frames, ref)),
             "identical": bool(np.array_equal(frames, ref)),
             "ssim": ssim(frames, ref),
@@ -306,6 +330,8 @@ def summarise(rows: list[dict[str, Any]], budgets: list[float]) -> list[dict[str
                     "motion_err_vs_gt": _mean([r["motion_err_vs_gt"] for r in sel]),
                     "object_found": _mean([r["object_found"] for r in sel]),
                     "psnr_vs_render": as_json_number(_mean([r["psnr_vs_render"] for r in sel])),
+                    "psnr_vs_reference": as_json_number(_mean([r.get("psnr_vs_reference") for r in sel])),
+                    "ssim_vs_reference": _mean([r.get("ssim_vs_reference") for r in sel]),
                     "seconds": _mean([r["seconds"] for r in sel]),
                     "same_plan_as_dvg": _mean([r["same_plan_as_dvg"] for r in sel if "same_plan_as_dvg" in r]),
                     "relaxed": any(r.get("relaxed", False) for r in sel),
@@ -416,9 +442,10 @@ def _fmt(value: Any, spec: str, width: int) -> str:
 def table(summary: list[dict[str, Any]], split: dict[str, Any], goal: dict[str, Any] | None = None) -> str:
     """The stdout report: every mode × budget on all clips, then per kind, then the planner's split, then the
     dvg-vs-ablation margins with their paired standard errors."""
+    reference = any(s.get("psnr_vs_reference") is not None for s in summary)
     lines = [
         f"{'mode':<15}{'budget':>7}{'n':>5}{'density':>9}{'PSNR dB':>9}{'SSIM':>8}{'motion px':>11}{'vs GT px':>10}"
-        f"{'found':>7}{'vs render dB':>14}"
+        f"{'found':>7}{'vs render dB':>14}" + (f"{'vs ref dB':>11}{'ref SSIM':>10}" if reference else "")
     ]
     for s in summary:
         if s["kind"] != "all":
@@ -430,6 +457,11 @@ def table(summary: list[dict[str, Any]], split: dict[str, Any], goal: dict[str, 
             f"{_fmt(s['ssim'], '.4f', 8)}{_fmt(s['motion_err_vs_full'], '.2f', 11)}"
             f"{_fmt(s['motion_err_vs_gt'], '.2f', 10)}{_fmt(s['object_found'], '.2f', 7)}"
             f"{_fmt(s['psnr_vs_render'], '.2f', 14)}"
+            + (
+                f"{_fmt(s['psnr_vs_reference'], '.2f', 11)}{_fmt(s['ssim_vs_reference'], '.4f', 10)}"
+                if reference
+                else ""
+            )
         )
     if any(s["relaxed"] for s in summary):
         lines.append("* no action within δ of the budget: ran at the nearest reachable density (see the density)")
@@ -507,6 +539,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0", help="sampling seeds, comma-separated")
     p.add_argument("--budgets", default="0.5,0.6")
     p.add_argument("--steps", type=int, help="denoising steps (default: the config's)")
+    p.add_argument("--reference-steps", type=int, help="also compare every video with the full run at M steps")
     p.add_argument("--batch", type=int, default=8, help="videos per call for modes whose plan is per batch")
     p.add_argument("--colour-tol", type=float, default=80.0, help="RGB distance of the object-colour mask")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field")
@@ -522,6 +555,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--seeds and --budgets must be comma-separated numbers; got {args.seeds!r}, {args.budgets!r}")
     if args.smoke:
         args.captions, args.steps = 2, args.steps or 8
+    if args.reference_steps is not None and args.reference_steps < 1:
+        p.error(f"--reference-steps must be >= 1; got {args.reference_steps}")
     if args.captions < 2 or args.batch < 1 or args.threads < 1:
         p.error("need --captions >= 2 (one of each kind), --batch >= 1 and --threads >= 1")
     if not all(0 < b <= 1 for b in args.budget_list):
@@ -547,10 +582,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     engine = Engine(base)
     load_s = time.perf_counter() - t0
-    bench = Bench(setup, engine, clips, args.seed_list, args.budget_list, args.batch, args.colour_tol, set(picks))
+    bench = Bench(
+        setup, engine, clips, args.seed_list, args.budget_list, args.batch, args.colour_tol, set(picks),
+        args.reference_steps,
+    )  # fmt: skip
     from tqdm import tqdm
 
-    total = len(clips) * len(args.seed_list) * (2 + len(args.budget_list) * len(ABLATIONS))
+    total = (
+        len(clips)
+        * len(args.seed_list)
+        * (2 + (args.reference_steps is not None) + len(args.budget_list) * len(ABLATIONS))
+    )
     with tqdm(total=total, unit="video", desc="fidelity", disable=args.no_progress) as bar:
         rows, kept = bench.run(bar)
     summary = summarise(rows, args.budget_list)
@@ -564,6 +606,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "config": str(args.config),
             "model": base.model.path,
             "steps": base.sampling.steps,
+            "reference_steps": args.reference_steps,
             "size": base.sampling.size,
             "frame_num": base.sampling.frame_num,
             "guidance_scale": base.sampling.guidance_scale,

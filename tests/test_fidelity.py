@@ -80,6 +80,9 @@ def test_centroids_recover_the_datasets_ground_truth_trajectory():
 def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "fidelity.json"
     argv = ["--smoke", "--config", str(ROOT / "configs" / "tiny-wan.yaml"), "--model", str(tiny_checkpoint("wan"))]
+    # A reference at the run's own 8 steps is the full run itself: every row's vs-reference metrics must equal its
+    # vs-full ones exactly (what --steps 8 --reference-steps 50 reports is that comparison against another run).
+    argv += ["--reference-steps", "8"]
     assert fid.main([*argv, "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "planner split" in printed and "paired standard error" in printed
@@ -94,8 +97,10 @@ def test_smoke_run_end_to_end(tiny_checkpoint, tmp_path, capsys):
     assert len(runs) == 2 * (2 + 2 * 5)
     row_keys = {"clip", "caption", "kind", "seed", "mode", "budget", "s", "t23", "r", "density", "psnr", "ssim"}
     row_keys |= {"identical", "motion_err_vs_full", "motion_err_vs_gt", "object_found", "psnr_vs_render"}
+    assert data["config"]["reference_steps"] == 8
     for r in runs:
         assert set(r) >= row_keys
+        assert (r["psnr_vs_reference"], r["ssim_vs_reference"]) == (r["psnr"], r["ssim"]), r
         assert isinstance(r["psnr_vs_render"], float) and 0 < r["psnr_vs_render"] < 100, r
         if r["mode"] == "full":
             assert r["psnr"] == "inf" and r["ssim"] == 1.0 and r["identical"], r
