@@ -7,6 +7,7 @@ never silently falls back to a default. Later issues add the parallel and execut
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,56 @@ ATTENTION_BACKENDS = ("native", "xfuser", "deepspeed")
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA file and the scale its delta is applied with (``--lora PATH[:SCALE]``; YAML: the same string, or a
+    mapping ``{path, scale}``)."""
+
+    path: str
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ConfigError(f"a LoRA needs a non-empty path; got {self.path!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float) or not math.isfinite(self.scale):
+            raise ConfigError(f"LoRA {self.path}: scale must be a finite number; got {self.scale!r}")
+        object.__setattr__(self, "scale", float(self.scale))
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> LoraSpec:
+        """``"PATH"``, ``"PATH:SCALE"``, a mapping ``{path, scale}`` or a ``LoraSpec``; ``where`` names the field.
+
+        The scale is what follows the last colon when that is a number. A tail that is not a number is an error,
+        unless the whole string ends in ``.safetensors`` (a colon inside the path itself)."""
+        if isinstance(value, LoraSpec):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"path", "scale"})
+            if unknown or "path" not in value:
+                why = f"unknown key {unknown[0]}" if unknown else "no path"
+                raise ConfigError(f"{where}: a LoRA mapping takes path and scale; {why} in {value!r}")
+            return cls(value["path"], value.get("scale", 1.0))
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: a LoRA is PATH[:SCALE] or {{path, scale}}; got {value!r}")
+        path, sep, tail = value.rpartition(":")
+        if not sep:
+            return cls(value)
+        try:
+            scale = float(tail)
+        except ValueError:
+            if value.endswith(".safetensors"):
+                return cls(value)
+            raise ConfigError(
+                f"{where}: {value!r} is not PATH[:SCALE] (SCALE a number, e.g. lora.safetensors:0.8)"
+            ) from None
+        if not path or not math.isfinite(scale):
+            raise ConfigError(f"{where}: {value!r} is not PATH[:SCALE] (SCALE a finite number after a path)")
+        return cls(path, scale)
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.scale:g}"
 
 
 @dataclass
@@ -70,8 +121,25 @@ class ModelConfig:
     cost_model: str = "auto"
     """FLOP cost model for the flop density: ``auto`` (from the checkpoint's transformer config; the
     planner tool without a checkpoint uses wan2.1-14b) or one of ``COST_PRESETS``."""
+    loras: tuple[LoraSpec, ...] = ()
+    """LoRA adapters for ``transformer`` (Wan; the high-noise expert of Wan 2.2 A14B), in order, each
+    ``"PATH[:SCALE]"`` (scale 1.0 by default) or ``{path, scale}``: safetensors files in the diffusers/PEFT,
+    original Wan or musubi key format, loaded with diffusers' ``load_lora_weights`` right after the pipeline
+    (before the sequence-parallel hooks, FSDP2 and offload). Checked before any weight loads
+    (``runtime/lora.py``)."""
+    loras_2: tuple[LoraSpec, ...] = ()
+    """LoRA adapters for ``transformer_2``, the low-noise expert of a Wan 2.2 A14B checkpoint (``--lora_2``)."""
+    fuse_lora: bool = False
+    """Fuse the LoRA deltas (at their scales) into the weights after loading and drop the LoRA layers: the
+    transformer runs at its plain speed and memory; the adapters cannot be changed afterwards."""
 
     def __post_init__(self) -> None:
+        self.loras = _lora_specs(self.loras, "model.loras")
+        self.loras_2 = _lora_specs(self.loras_2, "model.loras_2")
+        if not isinstance(self.fuse_lora, bool):
+            raise ConfigError(f"model.fuse_lora must be true or false; got {self.fuse_lora!r}")
+        if self.fuse_lora and not (self.loras or self.loras_2):
+            raise ConfigError("model.fuse_lora (--fuse_lora) is set but no LoRA is given (--lora / --lora_2)")
         self.patch = tuple(int(p) for p in self.patch)  # type: ignore[assignment]
         self.vae_scale = tuple(int(p) for p in self.vae_scale)  # type: ignore[assignment]
         if len(self.patch) != 3 or min(self.patch) < 1:
@@ -96,6 +164,14 @@ class ModelConfig:
         if self.cost_model != "auto" and self.cost_model not in COST_PRESETS:
             choices = ", ".join(["auto", *sorted(COST_PRESETS)])
             raise ConfigError(f"model.cost_model must be one of {choices}; got {self.cost_model!r}")
+
+
+def _lora_specs(value: Any, where: str) -> tuple[LoraSpec, ...]:
+    """A field's LoRAs as ``LoraSpec``\\s: one string or mapping, a list/tuple of them, or None (none)."""
+    if value is None:  # ``loras:`` left empty in YAML
+        return ()
+    items = value if isinstance(value, list | tuple) else [value]
+    return tuple(LoraSpec.parse(v, where) for v in items)
 
 
 @dataclass

@@ -159,6 +159,8 @@ def test_cli_writes_a_checkpoint(tmp_path: Path) -> None:
         (["--family", "sdxl"], "argument --family: invalid choice"),
         (["--family", "wan", "--seed", "x"], "argument --seed: invalid int value"),
         (["--family", "wan", "--busy"], "not empty"),
+        (["--lora-of", "/nonexistent/tiny-wan"], "has no transformer"),
+        (["--family", "wan", "--lora-of", "x"], "not allowed with argument"),
     ],
 )
 def test_cli_bad_flags_exit_2_with_one_line(

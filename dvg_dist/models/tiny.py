@@ -448,3 +448,79 @@ def build_tiny_checkpoint(family: str, out: str | Path, seed: int = 0, overwrite
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# --- LoRAs ------------------------------------------------------------------------------------------------
+
+LORA_FORMATS = ("diffusers", "wan")
+"""``diffusers``: PEFT names under ``transformer.`` (what ``save_lora_weights`` writes); ``wan``: the original Wan
+names under ``diffusion_model.`` with ``lora_down``/``lora_up`` and an ``alpha`` per layer (the layout of the
+published distillation LoRAs), which diffusers' ``lora_state_dict`` converts on load."""
+
+# diffusers module name → original Wan name, per block.
+_WAN_LORA_NAMES = {
+    **{f"attn1.{d}": f"self_attn.{o}" for d, o in zip(("to_q", "to_k", "to_v", "to_out.0"), "qkvo", strict=True)},
+    **{f"attn2.{d}": f"cross_attn.{o}" for d, o in zip(("to_q", "to_k", "to_v", "to_out.0"), "qkvo", strict=True)},
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+
+
+def build_tiny_lora(
+    checkpoint: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    component: str = "transformer",
+    rank: int = 4,
+    fmt: str = "diffusers",
+) -> Path:
+    """Write a random LoRA (one ``.safetensors`` file) for ``component`` of the Wan checkpoint at ``checkpoint``:
+    rank ``rank`` on every attention projection and feed-forward layer of every block.
+
+    ``diffusers``: made the way diffusers' training scripts make one — PEFT's ``LoraConfig`` added to the transformer
+    (``add_adapter``), its state dict (``get_peft_model_state_dict``) saved with ``WanPipeline.save_lora_weights``
+    (adapter metadata included). ``wan``: the same factors written under the original Wan names. Both factors are
+    random (a trained LoRA's ``lora_B`` is not zero), scaled so the adapted model differs clearly from the base one
+    and stays well-behaved; the two formats of one ``(seed, component)`` are the same adapter."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {', '.join(LORA_FORMATS)}")
+    config_file = Path(checkpoint) / component / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{checkpoint} has no {component} (no {config_file})")
+    with _seeded(seed, f"lora-{component}-base"):  # the base weights are not saved; only the LoRA factors are
+        model = WanTransformer3DModel.from_config(json.loads(config_file.read_text()))
+    targets = list(_WAN_LORA_NAMES)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True))
+    with _seeded(seed, f"lora-{component}"), torch.no_grad():
+        for module in model.modules():
+            if "default" in getattr(module, "lora_A", {}):
+                down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
+                down.copy_(torch.randn(down.shape) / down.shape[1] ** 0.5)
+                up.copy_(torch.randn(up.shape) * (0.5 / rank**0.5))
+    layers = get_peft_model_state_dict(model)  # "blocks.0.attn1.to_q.lora_A.weight": ...
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "diffusers":
+        WanPipeline.save_lora_weights(
+            out.parent, transformer_lora_layers=layers, weight_name=out.name,
+            transformer_lora_adapter_metadata={"r": rank, "lora_alpha": rank, "target_modules": targets},
+        )  # fmt: skip
+        return out
+    alpha = 2.0 * rank  # the wan format's per-layer alpha: scale alpha / rank = 2, folded in by diffusers' converter
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in layers.items():
+        block, rest = key.removeprefix("blocks.").split(".", 1)
+        name, factor = rest.rsplit(".lora_", 1)
+        stem = f"diffusion_model.blocks.{block}.{_WAN_LORA_NAMES[name]}"
+        if factor == "A.weight":
+            tensors[f"{stem}.lora_down.weight"] = value.contiguous()
+            tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+        else:
+            tensors[f"{stem}.lora_up.weight"] = (value / 2.0).contiguous()
+    save_file(tensors, str(out), metadata={"format": "pt"})
+    return out

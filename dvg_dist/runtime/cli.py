@@ -129,6 +129,23 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="split the VAE decode over the ranks (DistVAE), gathered on rank 0",
     )
+    _flag(
+        parser,
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="LoRA safetensors for the transformer (Wan 2.2 A14B: the high-noise expert), repeatable",
+    )
+    _flag(
+        parser,
+        "--lora_2",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="LoRA for transformer_2, the low-noise expert of Wan 2.2 A14B, repeatable",
+    )
+    _flag(
+        parser, "--fuse_lora", action="store_true", default=None, help="fuse the LoRAs into the weights after loading"
+    )
     _flag(parser, "--timeout", type=float, help="process-group timeout in seconds (default 600)")
     _flag(parser, "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable")
 
@@ -161,6 +178,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "text_encoder_offload": "model.text_encoder_offload",
         "vae_tiling": "model.vae_tiling",
         "vae_parallel": "parallel.vae_parallel",
+        "lora": "model.loras",
+        "lora_2": "model.loras_2",
+        "fuse_lora": "model.fuse_lora",
     }
     for attr, key in simple.items():
         value = getattr(args, attr, None)

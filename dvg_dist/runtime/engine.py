@@ -21,7 +21,7 @@ from ..dvg.options import Mode
 from ..dvg.planner import COST_PRESETS, CostModel, Grid, Planner
 from ..dvg.sampler import DecideFn, PlanRecord, SamplerConfig, StageContext, local_decider, sample
 from ..models import ADAPTERS, Adapter, InputError, adapter_class, read_model_index, resolve_model_path
-from . import memory
+from . import lora, memory
 from .distributed import ParallelContext
 from .solver import DiffusersSolver, scheduler_shift, sigma_range
 from .vae import TileSettings, check_tiling
@@ -98,6 +98,7 @@ def validate(config: Config, requests: list[Request]) -> Grid:
     spec = cls.read_spec(path)
     check_tiling(TileSettings.from_config(config.model), cls.read_json_configs(path)[1])
     cls.check_checkpoint(path, config)
+    lora.check(config, path)
     s = config.sampling
     if s.mode != Mode.FULL:
         cost = cost_model(config, cls, cls.read_json_configs(path)[0])
@@ -159,6 +160,9 @@ class Engine:
             cls = ADAPTERS.get(type(pipe).__name__)  # type: ignore[assignment]
             if cls is None:
                 raise InputError(f"no adapter for {type(pipe).__name__}")
+        # LoRAs first: every rank loads the same adapters into the plain modules, which the sequence-parallel hooks,
+        # FSDP2 and offload below then treat like any other weights.
+        self.loras = lora.apply(pipe, config.model)
         self.adapter = cls(pipe)
         if parallel is not None:
             from ..parallel import parallelize_transformer
@@ -377,6 +381,12 @@ def sidecar(
         "demands": None if demands is None else {"spatial": demands["spatial"], "temporal": demands["temporal"]},
         "weights": None if demands is None else {"w_s": demands["w_s"], "w_t": demands["w_t"]},
         "experts": experts,
+        "loras": [
+            {"component": c, "path": spec.path, "scale": spec.scale}
+            for c, specs in (("transformer", config.model.loras), ("transformer_2", config.model.loras_2))
+            for spec in specs
+        ],
+        "fuse_lora": config.model.fuse_lora,
         "parallel": parallel or {"world_size": 1},
         "timings": result.timings,
         "files": files,

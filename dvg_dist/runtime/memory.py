@@ -190,6 +190,9 @@ def shard_transformer(
     )
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     blocks = [b for child in module.children() if isinstance(child, torch.nn.ModuleList) for b in child]
+    # Inference: nothing trains. FSDP2 asks the trainable parameters of one group to share a dtype, which a bfloat16
+    # Wan's blocks do not (diffusers keeps their norms and scale_shift_table in float32).
+    module.requires_grad_(False)
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
     # The root too (FSDP2 would leave a root unsharded after forward, a training heuristic we do not want).
