@@ -20,3 +20,17 @@ def _quiet_deepspeed_on_cpu_builds() -> None:
 
 
 _quiet_deepspeed_on_cpu_builds()
+
+_API = ("DVG", "VideoOutput", "Plan", "StagePlan", "Chosen", "Demands", "StepInfo")
+
+
+def __getattr__(name: str) -> object:
+    """``from dvg_dist import DVG`` (the Python API, ``dvg_dist/api.py``), imported on first use."""
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'dvg_dist' has no attribute {name!r}")
+
+
+__all__ = list(_API)

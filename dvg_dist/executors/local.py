@@ -15,44 +15,42 @@ from ..dvg.planner import InfeasibleBudget
 from ..models import InputError
 from ..runtime.cli import setup_logging
 from ..runtime.distributed import env_world
-from ..runtime.engine import sidecar
 from ..runtime.generate import Job, build_parser, describe_plan, prepare
 from ..runtime.outputs import output_name, write_json, write_latent, write_video
-from .worker import Worker
 
 logger = logging.getLogger("dvg_dist.generate")
 USER_ERRORS = (ConfigError, InputError, InfeasibleBudget)
 
 
 def serve(job: Job) -> int:
-    """Generate every request on this process (one rank of a run, or the whole run); rank 0 writes."""
+    """Generate every request on this process (one rank of a run, or the whole run) through the Python API
+    (:class:`dvg_dist.api.DVG`, the one code path); rank 0 writes."""
+    from ..api import DVG
+
     config, s = job.config, job.config.sampling
-    worker = Worker(config)
-    worker.init_distributed()
-    main = worker.is_main
-    if not main:
+    if env_world()[0] != 0:
         logging.getLogger("dvg_dist").setLevel(logging.WARNING)  # INFO logs on rank 0 only
     logger.info(
         "%d request(s): latent %s, %d steps, mode %s, budget %g, guidance %g; loading %s",
         len(job.requests), job.grid, s.steps, s.mode.value, s.budget, s.guidance_scale, config.model.path,
     )  # fmt: skip
-    worker.load()
+    dvg = DVG(config=config)
     for index, req in enumerate(job.requests):
         name = req.name or output_name(req.prompt, req.seed, s.mode.value, index if len(job.requests) > 1 else None)
-        result = worker.execute(req, progress=job.progress)
-        if not main:
+        out = dvg.generate(req.prompt, seed=req.seed, image=req.image, negative_prompt=req.negative_prompt,
+                           progress=job.progress)  # fmt: skip
+        if not dvg.is_main:
             continue
-        assert result.frames is not None
         files = {"video": f"{name}.mp4", "sidecar": f"{name}.json"}
-        write_video(job.out / files["video"], result.frames[0], worker.engine.adapter.fps)
+        write_video(job.out / files["video"], out.frames, out.fps)
         if job.save_latent:
             files["latent"] = f"{name}.latent.safetensors"
-            write_latent(job.out / files["latent"], result.latent[0:1])
-        record = sidecar(result, 0, config, files, worker.layout_record())
+            write_latent(job.out / files["latent"], out.latent[0:1])
+        record = {**out.sidecar, "files": files}
         write_json(job.out / files["sidecar"], record)  # last: its presence means the request is complete
-        print(f"wrote {job.out / files['video']} ({result.timings['total']:.2f}s)")
+        print(f"wrote {job.out / files['video']} ({out.timings['total']:.2f}s)")
         print(describe_plan(record["plan"]))
-    worker.shutdown()
+    dvg.close()
     return 0
 
 
