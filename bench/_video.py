@@ -120,7 +120,7 @@ def contact_sheet(
             for i, line in enumerate(label.split("\n")):
                 draw.text((SHEET_PAD, y + 4 + 12 * i), line, fill=(0, 0, 0))
             for j, f in enumerate(picks):
-                tile = Image.fromarray(frames[f]).resize((tile_w, tile_h), Image.NEAREST)
+                tile = Image.fromarray(frames[f]).resize((tile_w, tile_h), Image.Resampling.NEAREST)
                 sheet.paste(tile, (SHEET_LABEL_W + j * (tile_w + SHEET_PAD), y))
             y += tile_h + SHEET_PAD
         y += (n_rows - len(videos)) * (tile_h + SHEET_PAD)

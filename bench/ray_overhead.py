@@ -101,8 +101,9 @@ def main() -> int:
                       f"total {wall:.2f}s", file=sys.stderr, flush=True)  # fmt: skip
             local, ray_ = row["local"], row["ray"]
             assert isinstance(local, dict) and isinstance(ray_, dict)
-            row["overhead_per_request_s"] = round(ray_["per_request_s"] - local["per_request_s"], 4)
-            row["overhead_per_request_pct"] = round(100 * row["overhead_per_request_s"] / local["per_request_s"], 1)
+            overhead = round(ray_["per_request_s"] - local["per_request_s"], 4)
+            row["overhead_per_request_s"] = overhead
+            row["overhead_per_request_pct"] = round(100 * overhead / local["per_request_s"], 1)
             row["overhead_startup_s"] = round(ray_["startup_s"] - local["startup_s"], 3)
             rows.append(row)
     result = {

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("untiled", "diffusers-tiled", "tiled", "distributed")
@@ -31,17 +32,21 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
-def _vae(family: str, width: int):
+def _vae(family: str, width: int) -> Any:
     import torch
     from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
 
     torch.manual_seed(0)
+    # Any: for a type checker diffusers' top-level names are its torch-less placeholders
+    # (diffusers/utils/dummy_pt_objects.py), classes without the nn.Module methods.
+    vae: Any
     if family == "wan":  # Wan 2.1's VAE layout (dim_mult 1,2,4,4; 2 res blocks) at base_dim = width
-        return AutoencoderKLWan(base_dim=width, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2).eval()
-    # HunyuanVideo's VAE layout (4 blocks, channels ×1,2,4,4) at a reduced width
-    return AutoencoderKLHunyuanVideo(
-        latent_channels=16, block_out_channels=(width, 2 * width, 4 * width, 4 * width), norm_num_groups=width // 4
-    ).eval()
+        vae = AutoencoderKLWan(base_dim=width, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2)
+    else:  # HunyuanVideo's VAE layout (4 blocks, channels ×1,2,4,4) at a reduced width
+        vae = AutoencoderKLHunyuanVideo(
+            latent_channels=16, block_out_channels=(width, 2 * width, 4 * width, 4 * width), norm_num_groups=width // 4
+        )
+    return vae.eval()
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -1,7 +1,8 @@
-"""Typed, validated run configuration and its strict YAML loading (DESIGN §4).
+"""Typed, validated run configuration (sections ``model``, ``sampling``, ``parallel``, ``dvg``) and its strict
+YAML loading (docs/architecture.md, Layout).
 
 YAML maps onto the dataclasses field by field; an unknown key is an error naming its dotted path, so a typo
-never silently falls back to a default. Later issues add the parallel and executor sections.
+never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class ModelConfig:
     ``spatial_multiple``) serve planning without a checkpoint; the engine reads the checkpoint's own."""
 
     family: str = "wan"
-    """Model family: wan, hunyuanvideo, hunyuanvideo15 (adapters arrive with the engine)."""
+    """Model family of the planner tool and the configs: wan, hunyuanvideo, hunyuanvideo15 (the engine reads the
+    family from the checkpoint's ``model_index.json``)."""
     path: str | None = None
     """Local diffusers directory or hub id."""
     shift: float | None = None
@@ -107,6 +109,7 @@ class ModelConfig:
     vae_tile_frame_stride: int = 12
     """Pixel frames between temporal chunks (diffusers' 12); chunks overlap by frames - frame_stride, blended."""
     latent_channels: int = 16
+    """Latent channels C (Wan, HunyuanVideo: 16; HunyuanVideo-1.5: 32)."""
     patch: tuple[int, int, int] = (1, 2, 2)
     """Transformer patch (pt, ph, pw)."""
     vae_scale: tuple[int, int, int] = (4, 8, 8)
@@ -179,10 +182,13 @@ class SamplingConfig:
     """One generation's sampling settings (flag names follow the official Wan/Hunyuan scripts)."""
 
     steps: int = 50
+    """Denoising steps N (model calls; 4-12 for step-distilled models, at least 4 in the DVG modes)."""
     seed: int = 0
+    """Seed of the initial noise and of every re-noise field (a prompts line may give its own)."""
     budget: float = 0.5
     """ρ*: the target token density of the DVG plan."""
     mode: Mode = Mode.DVG
+    """``full`` (the plain sampler, equal to the diffusers pipeline), ``dvg``, or one of the ablations."""
     size: str = "1280x720"
     """Pixel size W x H."""
     frame_num: int = 81
@@ -195,6 +201,7 @@ class SamplingConfig:
     """Real CFG for families whose ``guidance_scale`` is embedded guidance (HunyuanVideo): > 1 adds the
     negative-prompt pass."""
     negative_prompt: str = ""
+    """The unconditional branch's prompt under CFG (a prompts line may give its own)."""
 
     def __post_init__(self) -> None:
         try:
@@ -223,7 +230,7 @@ class SamplingConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the processes of one run split the work: ``world = cfg × ulysses × ring`` (DESIGN §3)."""
+    """How the processes of one run split the work: ``world = cfg × ulysses × ring`` (docs/parallel.md)."""
 
     ulysses_degree: int | None = None
     """Ranks exchanging heads↔sequence by all-to-all (must divide the heads); None = as many as the heads

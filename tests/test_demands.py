@@ -1,4 +1,4 @@
-"""Spatial and temporal demands and their weights (DESIGN §2, eq. 3–5)."""
+"""Spatial and temporal demands and their weights (docs/architecture.md, eq. 3–5)."""
 
 from __future__ import annotations
 

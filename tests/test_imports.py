@@ -1,4 +1,5 @@
-"""The algorithm package stays single-process and model-agnostic (DESIGN §4 / STYLE hygiene)."""
+"""The algorithm package stays single-process and model-agnostic: dvg_dist/dvg imports no torch.distributed,
+no diffusers and no transformers."""
 
 import ast
 import subprocess

@@ -1,5 +1,5 @@
 """The invariant: for the same config and seed, the final latent does not depend on the world size or the
-parallel layout (DESIGN §3) — every family, DVG and full, Ulysses, ring, USP and CFG-parallel."""
+parallel layout (docs/parallel.md) — every family, DVG and full, Ulysses, ring, USP and CFG-parallel."""
 
 from __future__ import annotations
 

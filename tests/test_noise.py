@@ -1,4 +1,4 @@
-"""Coordinate-hash noise (DESIGN §2, eq. 13)."""
+"""Coordinate-hash noise (docs/architecture.md, eq. 13)."""
 
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def test_json_with_sketch_file_at_12_steps(tmp_path: Path) -> None:
     check_plan(plan)
     assert plan["step_counts"] == [3, 3, 2, 4]
     assert plan["boundaries"] == [3, 6, 8]
-    # White noise: spatial demand ≈ 0.63 (DESIGN §2), no coherent motion.
+    # White noise: spatial demand ≈ 0.63 (docs/architecture.md, eq. 3), no coherent motion.
     assert plan["demands"]["source"] == "sketch" and 0.55 < plan["demands"]["spatial"] < 0.7
 
 

@@ -1,4 +1,4 @@
-"""Action space, stage grids, densities, budget filter and matching (DESIGN §2, eq. 6–10)."""
+"""Action space, stage grids, densities, budget filter and matching (docs/architecture.md, eq. 6–10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Anchor coordinates and the latent resizes (DESIGN §2, eq. 11–12)."""
+"""Anchor coordinates and the latent resizes (docs/architecture.md, eq. 11–12)."""
 
 from __future__ import annotations
 

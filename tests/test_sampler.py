@@ -1,4 +1,4 @@
-"""The staged sampler around a velocity function (DESIGN §2, "Transition", eq. 6 and 14)."""
+"""The staged sampler around a velocity function (docs/architecture.md, eq. 6 and 14)."""
 
 from __future__ import annotations
 

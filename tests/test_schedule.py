@@ -1,4 +1,4 @@
-"""Sigma schedules and stage boundaries (DESIGN §2, eq. 6)."""
+"""Sigma schedules and stage boundaries (docs/architecture.md, eq. 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DVG as pure tensor math: single process, no torch.distributed, no diffusers (DESIGN §2)."""
+"""DVG as pure tensor math: single process, no torch.distributed, no diffusers (docs/architecture.md)."""
 
 from .demands import (
     Demands,

@@ -1,4 +1,4 @@
-"""How much a video needs space vs. time, read from a latent (DESIGN §2, eq. 3–5).
+"""How much a video needs space vs. time, read from a latent (docs/architecture.md, eq. 3–5).
 
 Both demands take ``x̂0`` of shape ``[B, C, T, H, W]`` and are invariant to the latent's scale (each is
 computed on standardised values). They return Python floats pooled over the batch.

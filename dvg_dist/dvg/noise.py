@@ -1,4 +1,4 @@
-"""Coordinate-hash Gaussian noise (DESIGN §2, eq. 13).
+"""Coordinate-hash Gaussian noise (docs/architecture.md, eq. 13).
 
 ``ε(seed, c, t, h, w)`` is a pure function of the seed and *full-resolution* coordinates: the same sample
 has the same value on every stage grid, device, rank and shard, and the first noise of a run is this

@@ -1,4 +1,4 @@
-"""The DVG algorithm's settings, with the released defaults (DESIGN §2). Pure data, validated on creation."""
+"""The DVG algorithm's settings, with the released defaults (docs/architecture.md). Pure data, validated on creation."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class DVGOptions:
     """Every knob of DVG. The defaults are the released implementation's."""
 
     boundary_fractions: tuple[float, float, float] = (0.28, 0.50, 0.72)
-    """Stage switches after model calls ``⌊f·N⌋``."""
+    """Stage switches after model calls ``⌊f·N⌋``; at few steps pushed apart so every stage runs a call."""
     sketch_spatial_ratio: float = 0.5
     """``s_1``: the sketch stage's spatial ratio."""
     sketch_temporal_factor: float = 0.8
@@ -83,7 +83,9 @@ class DVGOptions:
     stage_shifts: tuple[float | None, float | None, float | None, float | None] = (None, 9.0, 11.0, 11.0)
     """Schedule shift per stage; ``None`` keeps the model's own shift."""
     s_min: float = 0.5
+    """Smallest spatial ratio ``s`` of stages 2-3 the planner considers."""
     s_max: float = 1.0
+    """Largest spatial ratio ``s`` of stages 2-3 the planner considers."""
     s_grid: float = 0.1
     """Spacing of the spatial-ratio candidates (0.05 is the paper's finest)."""
     delta: float = 0.02
@@ -93,9 +95,13 @@ class DVGOptions:
     lam: float = 0.5
     """λ of the matching objective (spatial term weight)."""
     temporal_demand: TemporalDemandMethod = TemporalDemandMethod.LK
+    """How the temporal demand (eq. 4) estimates motion between adjacent sketch frames."""
     pyramid_levels: int = 3
+    """Levels of the coarse-to-fine estimate when ``temporal_demand = pyramid``."""
     resize: ResizeMode = ResizeMode.AREA_ANCHOR
+    """How x̂0 is resized to the next stage's grid at a transition (eq. 11-12)."""
     renoise: RenoiseMode = RenoiseMode.HASH
+    """Which noise re-noises the resized x̂0 at a transition (eq. 13-14)."""
     renoise_seed: int = 12345
     """Seed of the re-noise field when ``renoise = hash-fixed-seed``."""
     smooth_keep: float = 0.7

@@ -1,4 +1,4 @@
-"""The action space, stage grids, densities, the budget filter and demand matching (DESIGN §2, eq. 6–10).
+"""The action space, stage grids, densities, the budget filter and demand matching (docs/architecture.md, eq. 6–10).
 
 An *action* is the pair (s, T₂₃) chosen when leaving the sketch: stage 2 runs at spatial ratio ``s`` and
 ``T₂₃`` latent frames, stage 3 at full space and the same frames, stage 4 at full size.

@@ -1,4 +1,4 @@
-"""Anchor coordinates and the latent resizes between stage grids (DESIGN §2, eq. 11–12).
+"""Anchor coordinates and the latent resizes between stage grids (docs/architecture.md, eq. 11–12).
 
 A stage of length ``L`` along an axis sits inside the next stage's length ``L'`` at the anchor positions
 ``a_i = round(i·(L'-1)/(L-1))`` (endpoints kept, strictly increasing; one sample sits at 0). Composing

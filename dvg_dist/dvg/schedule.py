@@ -1,4 +1,4 @@
-"""Flow-matching sigma schedules and the DVG stage boundaries (DESIGN §2, eq. 6).
+"""Flow-matching sigma schedules and the DVG stage boundaries (docs/architecture.md, eq. 6).
 
 Notation: ``x_σ = (1-σ)·x0 + σ·ε`` and the model predicts ``v ≈ ε - x0``. A schedule of N steps is the
 N+1 sigmas ``σ_0 … σ_N`` with ``σ_N = 0``; model call ``i`` runs at ``σ_i``.

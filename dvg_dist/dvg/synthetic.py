@@ -1,7 +1,7 @@
 """Procedural, deterministic latent content for demos, tests and benchmarks (pure torch).
 
 :func:`moving_texture` builds a latent ``[B, C, T, H, W]`` that looks like a video latent to the DVG
-demands (DESIGN §2, eq. 3–4): a smooth low-frequency field (a natural-image-like ``1/f`` spectrum, cut
+demands (docs/architecture.md, eq. 3–4): a smooth low-frequency field (a natural-image-like ``1/f`` spectrum, cut
 off well below Nyquist) plus band-limited texture near the high band, both rigidly translated by a
 constant sub-pixel velocity, mixed randomly into the channels.
 

@@ -1,4 +1,4 @@
-"""The stage switch (DESIGN §2, "Transition" and eq. 14): x̂0 extrapolation, sketch smoothing, re-noise."""
+"""The stage switch (docs/architecture.md, eq. 14): x̂0 extrapolation, sketch smoothing, re-noise."""
 
 from __future__ import annotations
 

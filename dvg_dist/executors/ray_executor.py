@@ -1,4 +1,4 @@
-"""The Ray executor (DESIGN §3, "Executors"): the same :class:`Worker` as the local executor, one Ray actor
+"""The Ray executor (docs/parallel.md): the same :class:`Worker` as the local executor, one Ray actor
 per rank, each sp group in its own placement group; several groups are data-parallel over requests.
 
 Ray places the processes and carries control messages (the request, a small result dict); tensors go

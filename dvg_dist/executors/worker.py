@@ -1,6 +1,6 @@
-"""One rank's life: init device → process group → load model → execute requests (DESIGN §3, "Executors").
+"""One rank's life: init device → process group → load model → execute requests (docs/parallel.md).
 
-The same ``Worker`` serves a ``torchrun`` / ``--nproc`` run and, later, a Ray actor: no duplicated set-up.
+The same ``Worker`` serves a ``torchrun`` / ``--nproc`` run and a Ray actor: no duplicated set-up.
 """
 
 from __future__ import annotations

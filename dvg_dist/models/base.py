@@ -2,7 +2,7 @@
 
 An adapter never copies a model's ``forward``: it says how to call the diffusers transformer (which
 kwargs, how the timestep is passed, what is concatenated to the latent for I2V), how the pipeline encodes
-prompts, how the VAE decodes, and — for the sequence-parallel issue — which tensors carry the tokens.
+prompts, how the VAE decodes, and — for sequence parallelism — which tensors carry the tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class SequencePlan:
     """Which module inputs carry the token sequence and where the sequence is gathered again (the
-    diffusers ``_cp_plan`` idea, as data). Applied by ``dvg_dist.parallel`` in the sequence-parallel issue.
+    diffusers ``_cp_plan`` idea, as data). Applied by :func:`dvg_dist.parallel.hooks.parallelize_transformer`.
 
     Keys are module paths inside the transformer (``""`` is the transformer itself); values name the
     forward argument (or output index) and the sequence dim.

@@ -1,4 +1,5 @@
-"""HunyuanVideo (T2V) on diffusers' own ``HunyuanVideoPipeline`` / ``HunyuanVideoTransformer3DModel``.
+"""The HunyuanVideo (T2V) adapter and its sequence plan, on diffusers' own ``HunyuanVideoPipeline`` /
+``HunyuanVideoTransformer3DModel``.
 
 HunyuanVideo's ``guidance_scale`` is *embedded* (distilled) guidance: a tensor the transformer embeds, one pass
 per step. Real classifier-free guidance is the pipeline's ``true_cfg_scale > 1`` with a negative prompt, which

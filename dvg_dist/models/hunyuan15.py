@@ -1,4 +1,4 @@
-"""HunyuanVideo-1.5 (T2V and I2V) on diffusers' own ``HunyuanVideo15*`` classes.
+"""The HunyuanVideo-1.5 adapter (T2V and I2V) and its sequence plan, on diffusers' own ``HunyuanVideo15*`` classes.
 
 What the two pipelines' ``__call__`` do, and how this adapter reproduces it with their own functions:
 
@@ -57,7 +57,7 @@ QWEN_TOKENS, BYT5_TOKENS, IMAGE_TOKENS = 1000, 256, 729
 # dim 0; the video tokens split before the first dual-stream block (``hidden_states [B, L, D]``); the text
 # stream (Qwen + ByT5 + image tokens, reordered valid-first by the transformer) and its mask are kept whole
 # on every rank because every block runs *joint* attention over [video, text]; ``proj_out`` is gathered so
-# every rank unpatchifies the whole output. Note for the sequence-parallel issue: the attention processor
+# every rank unpatchifies the whole output. Note for sequence parallelism: the attention processor
 # left-pads the text mask with True up to the local query length, so the sharded attention must build it
 # against the gathered key length.
 HUNYUAN15_SEQUENCE_PLAN = SequencePlan(

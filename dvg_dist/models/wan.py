@@ -1,4 +1,5 @@
-"""Wan 2.1 / 2.2 (T2V, I2V, and the two-expert A14B MoE) on diffusers' own Wan classes."""
+"""The Wan 2.1 / 2.2 adapter (T2V, I2V, and the two-expert A14B MoE) and its sequence plan, on diffusers' own
+Wan classes."""
 
 from __future__ import annotations
 

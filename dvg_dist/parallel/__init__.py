@@ -1,4 +1,4 @@
-"""Sequence parallelism (DESIGN §3): shard plans, the parallel layout and its groups, attention collectives.
+"""Sequence parallelism (docs/parallel.md): shard plans, the parallel layout and its groups, attention collectives.
 
 No diffusers import at module level: :mod:`dvg_dist.parallel.hooks` applies a model family's plan to a diffusers
 transformer and registers its attention backend (imported lazily) on first use.

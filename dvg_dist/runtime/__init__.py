@@ -1,1 +1,2 @@
-"""See DESIGN §4; filled by later issues."""
+"""Running a diffusers checkpoint with DVG: the staged engine and what surrounds it — the command lines, the
+distributed context, memory options, LoRA, VAE decode, atomic outputs and version checks."""

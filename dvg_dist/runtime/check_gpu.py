@@ -1,4 +1,5 @@
-"""Real-size transformers, random weights: per-stage step time, tokens per rank, memory and DVG's speed-up.
+"""``launch/check_gpu.py``'s body: real-size transformers with random weights — per-stage step time, tokens per
+rank, memory and DVG's speed-up.
 
     python launch/check_gpu.py --family wan --nproc 8                       # GPU machine: the real Wan2.1 14B
     python launch/check_gpu.py --family wan --layers 1 --size 256x256 --frame_num 17 --text_len 16   # CPU / CI

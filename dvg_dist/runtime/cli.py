@@ -1,4 +1,4 @@
-"""Command-line flags shared by the entry points (generate.py now, ray_generate.py later): one definition.
+"""Command-line flags shared by the entry points (generate.py, ray_generate.py): one definition.
 
 Flag names follow the official Wan/Hunyuan scripts and xDiT; dashes and underscores are both accepted.
 """
@@ -150,39 +150,42 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable")
 
 
+FLAG_FIELDS: dict[str, str] = {
+    "model": "model.path",
+    "steps": "sampling.steps",
+    "guidance_scale": "sampling.guidance_scale",
+    "guidance_scale_2": "sampling.guidance_scale_2",
+    "true_cfg_scale": "sampling.true_cfg_scale",
+    "sample_shift": "model.shift",
+    "size": "sampling.size",
+    "frame_num": "sampling.frame_num",
+    "budget": "sampling.budget",
+    "mode": "sampling.mode",
+    "dtype": "model.dtype",
+    "device": "model.device",
+    "seed": "sampling.seed",
+    "ulysses_degree": "parallel.ulysses_degree",
+    "ring_degree": "parallel.ring_degree",
+    "use_cfg_parallel": "parallel.cfg_parallel",
+    "backend": "parallel.backend",
+    "timeout": "parallel.timeout_s",
+    "attention_backend": "parallel.attention_backend",
+    "shard_weights": "parallel.shard_weights",
+    "offload": "model.offload",
+    "text_encoder_offload": "model.text_encoder_offload",
+    "vae_tiling": "model.vae_tiling",
+    "vae_parallel": "parallel.vae_parallel",
+    "lora": "model.loras",
+    "lora_2": "model.loras_2",
+    "fuse_lora": "model.fuse_lora",
+}
+"""Flag (its argparse dest) → the config field it sets; the rest have their own handling below or go by ``--set``."""
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config file, then the flags, then ``--set`` overrides (later wins)."""
     overrides: list[str] = []
-    simple = {
-        "model": "model.path",
-        "steps": "sampling.steps",
-        "guidance_scale": "sampling.guidance_scale",
-        "guidance_scale_2": "sampling.guidance_scale_2",
-        "true_cfg_scale": "sampling.true_cfg_scale",
-        "sample_shift": "model.shift",
-        "size": "sampling.size",
-        "frame_num": "sampling.frame_num",
-        "budget": "sampling.budget",
-        "mode": "sampling.mode",
-        "dtype": "model.dtype",
-        "device": "model.device",
-        "seed": "sampling.seed",
-        "ulysses_degree": "parallel.ulysses_degree",
-        "ring_degree": "parallel.ring_degree",
-        "use_cfg_parallel": "parallel.cfg_parallel",
-        "backend": "parallel.backend",
-        "timeout": "parallel.timeout_s",
-        "attention_backend": "parallel.attention_backend",
-        "shard_weights": "parallel.shard_weights",
-        "offload": "model.offload",
-        "text_encoder_offload": "model.text_encoder_offload",
-        "vae_tiling": "model.vae_tiling",
-        "vae_parallel": "parallel.vae_parallel",
-        "lora": "model.loras",
-        "lora_2": "model.loras_2",
-        "fuse_lora": "model.fuse_lora",
-    }
-    for attr, key in simple.items():
+    for attr, key in FLAG_FIELDS.items():
         value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")

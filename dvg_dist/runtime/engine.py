@@ -1,7 +1,7 @@
 """The staged engine: encode → DVG's staged sampler with the adapter's transformer as velocity → decode.
 
-Single process here; nothing assumes one: the velocity is one adapter forward (the sequence-parallel
-issue shards inside it), and the sketch decision comes through the sampler's ``decide`` seam.
+Nothing here assumes one process: the velocity is one adapter forward (the sequence-parallel hooks shard
+inside it), and the sketch decision comes through the sampler's ``decide`` seam.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,9 +207,11 @@ class Engine:
         decide: DecideFn | None = None,
         progress: bool = True,
         config: Config | None = None,
+        on_step: Callable[[StepTrace], None] | None = None,
     ) -> Result:
         """One batch: the requests share size, steps and plan (demands pooled over the batch). ``config``
-        replaces the engine's for this call (same model and layout; e.g. a batch line's own budget or mode)."""
+        replaces the engine's for this call (same model and layout; e.g. a batch line's own budget or mode).
+        ``on_step`` is called with each model call's :class:`StepTrace` right after it (progress reporting)."""
         if not requests:
             raise InputError("no prompts given")
         config = config or self.config
@@ -274,6 +277,8 @@ class Engine:
             grid_k = (ctx.grid.t, ctx.grid.h, ctx.grid.w)
             trace.append(StepTrace(ctx.step, ctx.stage, timestep, expert, grid_k, g, ctx.next_timestep))
             bars.update(ctx)
+            if on_step is not None:
+                on_step(trace[-1])
             return v.to(x.dtype)
 
         solver = DiffusersSolver(adapter.scheduler, s.steps)

@@ -1,5 +1,5 @@
 """Memory for very large models: FSDP2 weight sharding over the sp group, model CPU offload, where the conditioning
-encoders live, and the probes a memory benchmark reads (issue 7).
+encoders live, and the probes a memory benchmark reads.
 
 - **Weight sharding** (``parallel.shard_weights``): every transformer the adapter may call is sharded with FSDP2
   (``fully_shard``) over the sequence-parallel group — each top-level block, then the root — so a rank keeps 1/sp

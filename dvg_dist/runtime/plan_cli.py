@@ -1,5 +1,5 @@
 """``launch/plan.py``'s body — the DVG planner as a command line: which stage grids a latent gets under a token
-budget (DESIGN §2).
+budget (docs/architecture.md).
 
     python launch/plan.py --grid 21x90x160 --steps 50 --budget 0.5 --spatial-multiple 2 --synthetic-sketch 0
     python launch/plan.py --grid 21x90x160 --steps 50 --budget 0.5 --demands 0.3,0.6 --json
