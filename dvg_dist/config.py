@@ -212,6 +212,11 @@ class SamplingConfig:
             ) from None
         if self.steps < 1:
             raise ConfigError(f"sampling.steps must be >= 1; got {self.steps}")
+        if self.steps < 4 and self.mode != Mode.FULL:
+            raise ConfigError(
+                f"sampling.steps must be >= 4 in mode {self.mode.value} (each of the four stages runs at least one "
+                f"model call); got {self.steps} (--mode full runs any step count)"
+            )
         if not 0 < self.budget <= 1:
             raise ConfigError(f"sampling.budget must be in (0, 1]; got {self.budget}")
         if self.frame_num < 1:

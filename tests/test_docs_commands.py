@@ -5,7 +5,8 @@ continues it). A command that cannot run in CPU CI within seconds ends with ``# 
 ``# cluster`` (a Ray cluster, several machines) or ``# slow`` (training, benchmarks, ``make`` targets); it is not
 run, but when it calls one of our scripts its flags are parsed by that script's own parser and the script must
 exist. Every other command is run here — in-process, from a scratch directory whose ``configs``/``models`` are the
-repository's and whose ``build/tiny-*`` are the tiny checkpoints — and must exit 0.
+repository's and whose ``build/tiny-*`` are the tiny checkpoints — and must exit 0. The README's ```` ```python ````
+blocks (the API example) run there too, unless their first line is one of the marks.
 """
 
 from __future__ import annotations
@@ -62,6 +63,23 @@ def shell_commands(path: Path) -> list[Command]:
         mark = MARK.search(text)
         out.append(Command(path.name if path.parent == ROOT else f"docs/{path.name}", start, text,
                            mark.group(1) if mark else None))  # fmt: skip
+    return out
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    """``(first line, source)`` of each ```python block of the page that does not start with a mark."""
+    out, inside, start, body = [], False, 0, []  # type: ignore[var-annotated]
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        if raw.strip().startswith("```"):
+            if not inside and raw.strip() == "```python":
+                inside, start, body = True, number + 1, []
+            elif inside:
+                inside = False
+                if body and not MARK.search(body[0].strip()):
+                    out.append((start, "\n".join(body)))
+            continue
+        if inside:
+            body.append(raw)
     return out
 
 
@@ -180,3 +198,10 @@ def test_unmarked_commands_run(sandbox, capsys):
         ran.append(c)
     print(f"ran {len(ran)} documented commands in {os.getcwd()}")
     assert ran, "no documented command runs in CI: show at least the cheap ones unmarked"
+
+
+def test_readme_python_examples_run(sandbox):
+    blocks = python_blocks(ROOT / "README.md")
+    assert blocks, "the README shows the Python API in a ```python block"
+    for line, source in blocks:
+        exec(compile(source, f"README.md:{line}", "exec"), {"__name__": "readme_example"})

@@ -153,6 +153,7 @@ def test_generate_writes_video_sidecar_and_latent(wan, tmp_path):
         (["--budget", "1.5"], "sampling.budget must be in (0, 1]"),
         (["--budget", "0.1"], "reachable densities"),
         (["--steps", "0"], "sampling.steps must be >= 1"),
+        (["--steps", "3"], "sampling.steps must be >= 4 in mode dvg"),
         (["--frame_num", "16"], "nearest valid: 13 or 17"),
         (["--size", "60x64"], "width must be a multiple of 16"),
         (["--model", "/nonexistent/model"], "model not found"),

@@ -132,13 +132,17 @@ def test_ray_job_submit_against_a_local_head(checkpoint, tmp_path):
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         out = tmp_path / "job-out"
-        job = subprocess.run(
-            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
-             "python", "launch/ray_generate.py", "--config", "configs/tiny-wan.yaml", "--model", checkpoint,
-             "--prompt", "a red ball", "--seed", "5", "--workers", "2", "--sp", "2", "--cpus-per-worker", "0.5",
-             "--out", str(out), "--no-progress"],
-            capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
-        )  # fmt: skip
+        for _ in range(12):  # the head's job agent comes up a little after `ray start` returns (slower on a busy box)
+            job = subprocess.run(
+                [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
+                 "python", "launch/ray_generate.py", "--config", "configs/tiny-wan.yaml", "--model", checkpoint,
+                 "--prompt", "a red ball", "--seed", "5", "--workers", "2", "--sp", "2", "--cpus-per-worker", "0.5",
+                 "--out", str(out), "--no-progress"],
+                capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
+            )  # fmt: skip
+            if "No available agent to submit job" not in job.stderr:
+                break
+            time.sleep(5)
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "succeeded" in job.stdout + job.stderr
         assert (out / "a-red-ball_s5_dvg.mp4").is_file() and (out / "a-red-ball_s5_dvg.json").is_file()

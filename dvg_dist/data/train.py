@@ -35,7 +35,7 @@ Recipe (each choice is about a 2-core CPU and a 30-minute budget):
    24 steps at such grids, and a model trained only at the full size gets them wrong: the first demo model
    (full size only) drew a white-on-black caption in orange-brown at the sketch's size, and its DVG runs
    scored 9.9 / 20.8 / 10.2 dB (texture / motion / mix) against full where the same recipe with stage grids
-   scored 16.1 / 29.8 / 18.0 (GPU recipe check, 4.9 k steps, 17 frames; README "The demo model").
+   scored 16.1 / 29.8 / 18.0 (GPU recipe check, 4.9 k steps, 17 frames; docs/demo-model.md).
 
 Cross-attention padding: ``WanPipeline`` pads every prompt embedding with zeros to 512 tokens, and those
 padding tokens *are attended* (they all give one identical key/value). Training with 512 tokens would double
