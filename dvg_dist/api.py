@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, load_config
+from .dvg.demands import Demands
 from .models import InputError
 
 OutputType = Literal["np", "pil", "latent"]
@@ -60,16 +61,6 @@ class Chosen:
     def speedup_bound(self) -> float:
         """``1 / flop_density``: the speed-up the FLOP model allows."""
         return 1.0 / self.flop_density
-
-
-@dataclass(frozen=True)
-class Demands:
-    """What the sketch showed: spatial and temporal demand, and the weights they give (``w_s + w_t = 1``)."""
-
-    spatial: float
-    temporal: float
-    w_s: float
-    w_t: float
 
 
 @dataclass(frozen=True)
