@@ -30,14 +30,17 @@ EXPECTED = {
     "wan": ("WanPipeline", "UniPCMultistepScheduler"),
     "wan-moe": ("WanPipeline", "UniPCMultistepScheduler"),
     "wan-i2v": ("WanImageToVideoPipeline", "UniPCMultistepScheduler"),
+    "wan-ti2v": ("WanPipeline", "UniPCMultistepScheduler"),
     "hunyuan": ("HunyuanVideoPipeline", "FlowMatchEulerDiscreteScheduler"),
     "hunyuan15": ("HunyuanVideo15Pipeline", "FlowMatchEulerDiscreteScheduler"),
     "hunyuan15-i2v": ("HunyuanVideo15ImageToVideoPipeline", "FlowMatchEulerDiscreteScheduler"),
     "hunyuan15-meanflow": ("HunyuanVideo15Pipeline", "FlowMatchEulerDiscreteScheduler"),
     "hunyuan15-meanflow-i2v": ("HunyuanVideo15ImageToVideoPipeline", "FlowMatchEulerDiscreteScheduler"),
 }
-# 17 frames × 64×64 pixels: VAE 4×8×8 (Wan, HunyuanVideo) or 4×16×16 (HV-1.5), 16 latent channels.
+# 17 frames × 64×64 pixels: VAE 4×8×8 (Wan, HunyuanVideo) or 4×16×16 (HV-1.5), 16 latent channels; Wan 2.2 TI2V:
+# 4×16×16 and 48 channels.
 LATENT = {f: (1, 16, 5, 4, 4) if f.startswith("hunyuan15") else (1, 16, 5, 8, 8) for f in FAMILIES}
+LATENT["wan-ti2v"] = (1, 48, 5, 4, 4)
 
 
 def load(path: Path) -> Any:
@@ -60,7 +63,7 @@ def run_pipe(pipe: Any, family: str, meta: dict[str, Any], prompt: str) -> torch
             kw.update(guidance_scale_2=3.0)
     elif family == "hunyuan":
         kw.update(true_cfg_scale=4.0, negative_prompt="blurry, static", prompt_template=meta["prompt_template"])
-    if family.endswith("i2v"):
+    if family.endswith("i2v") and family != "wan-ti2v":  # TI2V's tiny checkpoint is its text-to-video pipeline
         kw.update(image=Image.new("RGB", (64, 64), (200, 40, 90)))
     return pipe(prompt=prompt, **kw).frames
 
@@ -75,7 +78,8 @@ def test_loads_offline_as_the_real_pipeline_and_scheduler(family: str, tiny_chec
     assert meta["family"] == family and meta["seed"] == 0
     if family.startswith("wan"):
         cfg = pipe.scheduler.config
-        assert (cfg.prediction_type, cfg.use_flow_sigmas, cfg.flow_shift) == ("flow_prediction", True, 3.0)
+        shift = 5.0 if family == "wan-ti2v" else 3.0  # TI2V-5B's released flow_shift
+        assert (cfg.prediction_type, cfg.use_flow_sigmas, cfg.flow_shift) == ("flow_prediction", True, shift)
         assert pipe.transformer.config.patch_size in ([1, 2, 2], (1, 2, 2))
         assert pipe.transformer.config.text_dim == pipe.text_encoder.config.d_model
     if family == "wan-moe":
@@ -85,6 +89,12 @@ def test_loads_offline_as_the_real_pipeline_and_scheduler(family: str, tiny_chec
     if family == "wan-i2v":
         assert pipe.transformer.config.in_channels == 36
         assert pipe.transformer.config.image_dim == pipe.image_encoder.config.hidden_size
+    if family == "wan-ti2v":  # Wan 2.2 TI2V-5B's layout: per-token timesteps, the Wan 2.2 VAE
+        vae = pipe.vae.config
+        assert pipe.config.expand_timesteps and pipe.config.boundary_ratio is None
+        assert (vae.z_dim, vae.is_residual, vae.patch_size, vae.in_channels, vae.out_channels) == (48, True, 2, 12, 12)
+        assert (vae.scale_factor_temporal, vae.scale_factor_spatial) == (4, 16) and len(vae.latents_std) == 48
+        assert pipe.transformer.config.in_channels == pipe.transformer.config.out_channels == 48
     if family == "hunyuan":
         assert set(meta["prompt_template"]) == {"template", "crop_start"}
     if family.startswith("hunyuan15"):

@@ -8,7 +8,8 @@ safetensors files.
 
 Besides the pipeline, every directory holds ``dvg_tiny.json`` (:data:`TINY_META_FILE`): the family, the seed,
 the call arguments the tiny tokenizers need (HunyuanVideo's ``prompt_template``) and a note. Latent shapes at
-17 frames × 64×64 pixels: Wan ``[B, 16, 5, 8, 8]``, HunyuanVideo ``[B, 16, 5, 8, 8]``, HV-1.5 ``[B, 16, 5, 4, 4]``.
+17 frames × 64×64 pixels: Wan ``[B, 16, 5, 8, 8]``, HunyuanVideo ``[B, 16, 5, 8, 8]``, HV-1.5 ``[B, 16, 5, 4, 4]``,
+Wan 2.2 TI2V ``[B, 48, 5, 4, 4]``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ FAMILIES: tuple[str, ...] = (
     "wan",
     "wan-moe",
     "wan-i2v",
+    "wan-ti2v",
     "hunyuan",
     "hunyuan15",
     "hunyuan15-i2v",
@@ -35,7 +37,8 @@ FAMILIES: tuple[str, ...] = (
     "hunyuan15-meanflow-i2v",
 )
 """Families :func:`build_tiny_checkpoint` writes. The ``-meanflow`` ones are HV-1.5 step-distilled checkpoints:
-``use_meanflow=True`` (the transformer takes ``timestep_r``) and a guider at scale 1 (guidance-distilled: one pass)."""
+``use_meanflow=True`` (the transformer takes ``timestep_r``) and a guider at scale 1 (guidance-distilled: one pass).
+``wan-ti2v`` is Wan 2.2 TI2V-5B's layout: the Wan 2.2 VAE (48 channels, 4×16×16) and per-token timesteps."""
 
 TINY_META_FILE = "dvg_tiny.json"
 """The per-checkpoint JSON file with what a caller must pass (``prompt_template`` for HunyuanVideo)."""
@@ -226,6 +229,62 @@ def _wan(seed: int, variant: str) -> tuple[Any, dict[str, Any]]:
     return WanPipeline(**parts), {"notes": notes}
 
 
+def _wan22_vae(seed: int) -> Any:
+    """The Wan 2.2 VAE layout at a tiny width: 48 latent channels, residual blocks, and a 2×2 pixel patchify in
+    front (12 = 3 × 2 × 2 input channels), so 4×16×16 compression; per-channel statistics are fixed made-up
+    values (not the released ones), so the un-normalisation is exercised."""
+    from diffusers import AutoencoderKLWan
+
+    with _seeded(seed, "vae"):
+        return _eval(
+            AutoencoderKLWan(
+                base_dim=4,
+                z_dim=48,
+                dim_mult=[1, 1, 1, 1],
+                num_res_blocks=1,
+                temperal_downsample=[False, True, True],
+                latents_mean=[round(0.1 * (i % 7 - 3), 4) for i in range(48)],
+                latents_std=[round(1.0 + 0.05 * (i % 5), 4) for i in range(48)],
+                is_residual=True,
+                in_channels=12,
+                out_channels=12,
+                patch_size=2,
+                scale_factor_temporal=4,
+                scale_factor_spatial=16,
+            )
+        )
+
+
+def _wan_ti2v(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Wan 2.2 TI2V-5B's layout: ``WanPipeline(expand_timesteps=True)``, a 48-channel transformer, the Wan 2.2 VAE."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    tokenizer = _umt5_tokenizer()
+    with _seeded(seed, "transformer"):
+        transformer = _eval(
+            WanTransformer3DModel(
+                patch_size=(1, 2, 2),
+                num_attention_heads=_WAN_HEADS,
+                attention_head_dim=_WAN_HEAD_DIM,
+                in_channels=48,
+                out_channels=48,
+                text_dim=_UMT5_DIM,
+                freq_dim=32,
+                ffn_dim=48,
+                num_layers=2,
+            )
+        )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_umt5(seed, len(tokenizer)),
+        vae=_wan22_vae(seed),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0),
+        transformer=transformer,
+        expand_timesteps=True,
+    )
+    return pipe, {"notes": "Wan 2.2 TI2V-5B layout: per-token timesteps (expand_timesteps); sizes multiples of 32."}
+
+
 def _hunyuan(seed: int) -> tuple[Any, dict[str, Any]]:
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -398,6 +457,7 @@ _BUILDERS: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "wan": lambda s: _wan(s, "wan"),
     "wan-moe": lambda s: _wan(s, "wan-moe"),
     "wan-i2v": lambda s: _wan(s, "wan-i2v"),
+    "wan-ti2v": _wan_ti2v,
     "hunyuan": _hunyuan,
     "hunyuan15": lambda s: _hunyuan15(s, image=False),
     "hunyuan15-i2v": lambda s: _hunyuan15(s, image=True),

@@ -1,5 +1,5 @@
-"""The Wan 2.1 / 2.2 adapter (T2V, I2V, and the two-expert A14B MoE) and its sequence plan, on diffusers' own
-Wan classes."""
+"""The Wan 2.1 / 2.2 adapter (T2V, I2V, the two-expert A14B MoE, and TI2V-5B text-to-video with per-token
+timesteps) and its sequence plans, on diffusers' own Wan classes."""
 
 from __future__ import annotations
 
@@ -13,18 +13,39 @@ from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
 
 # The context-parallel layout diffusers itself declares for WanTransformer3DModel (``_cp_plan``): rotary
 # cos/sin split after ``rope``, hidden states split before the first block, ``proj_out`` gathered so every
-# rank unpatchifies the whole output. Text tokens only enter cross-attention, which stays local. Not here:
-# diffusers also splits ``temb`` for Wan 2.2 TI2V (per-token timesteps), which this adapter refuses; Wan 2.1's
-# ``temb`` is [B, 6, D] and must never be split.
+# rank unpatchifies the whole output. Text tokens only enter cross-attention, which stays local. Wan 2.1 / A14B
+# pass a 1-D timestep ([B]; ``temb`` is [B, 6, D]): it must never be split, so this plan has no root entry.
 WAN_SEQUENCE_PLAN = SequencePlan(
     split_inputs={"rope": {"0": 1, "1": 1}, "blocks.0": {"hidden_states": 1}},
     replicated_inputs={"blocks.0": ("encoder_hidden_states",)},
     gather_outputs={"proj_out": 1},
 )
 
+# Wan 2.2 TI2V (``expand_timesteps``): the timestep is per token ([B, S], in the hidden states' token order), so
+# diffusers' ``_cp_plan`` also splits the transformer's own ``timestep`` input along dim 1. Listed first, it is
+# the forward's first split and fixes the token count; the rotary tables and hidden states then split with the
+# same partition (uneven shards included), and every rank's ``temb`` / ``timestep_proj`` / output-norm
+# modulation covers exactly its own tokens.
+WAN_TI2V_SEQUENCE_PLAN = SequencePlan(
+    split_inputs={"": {"timestep": 1}, **WAN_SEQUENCE_PLAN.split_inputs},
+    replicated_inputs=WAN_SEQUENCE_PLAN.replicated_inputs,
+    gather_outputs=WAN_SEQUENCE_PLAN.gather_outputs,
+)
+
+
+def check_ti2v_shards(tokens: int, sp_degree: int) -> None:
+    """Refuse a TI2V forward that would leave a rank without tokens: diffusers' condition embedder cannot unflatten
+    an empty per-token timestep (the 1-D-timestep families run empty shards fine)."""
+    if tokens < sp_degree:
+        raise InputError(
+            f"Wan 2.2 TI2V under sequence parallelism needs at least one token per rank: a stage grid has {tokens} "
+            f"tokens for {sp_degree} ranks (use a larger size or fewer ranks)"
+        )
+
 
 class WanAdapter(Adapter):
-    """``WanPipeline`` / ``WanImageToVideoPipeline``; ``transformer_2`` + ``boundary_ratio`` for Wan 2.2 A14B."""
+    """``WanPipeline`` / ``WanImageToVideoPipeline``; ``transformer_2`` + ``boundary_ratio`` for Wan 2.2 A14B;
+    ``WanPipeline(expand_timesteps=True)`` for Wan 2.2 TI2V-5B (text-to-video)."""
 
     family = "wan"
     pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
@@ -34,8 +55,19 @@ class WanAdapter(Adapter):
 
     def __init__(self, pipe: Any) -> None:
         super().__init__(pipe)
-        if getattr(pipe.config, "expand_timesteps", False):
-            raise InputError("Wan 2.2 TI2V (expand_timesteps) checkpoints are not supported yet")
+        self.expand_timesteps = bool(getattr(pipe.config, "expand_timesteps", False))
+        if self.expand_timesteps:
+            if self.is_i2v:
+                # The pipeline overwrites latent frame 0 with the image after the last step and its x̂0 carries a
+                # free-running frame 0 into DVG's transitions: neither has an adapter seam yet.
+                raise InputError(
+                    "Wan 2.2 TI2V image-to-video (WanImageToVideoPipeline with expand_timesteps) is not supported "
+                    "yet; load the checkpoint as WanPipeline for text-to-video"
+                )
+            # Per instance: a TI2V checkpoint's per-token timestep is split like the hidden states; its videos are
+            # 24 fps (Wan2.2-TI2V-5B's sample_fps).
+            self.sequence_plan = WAN_TI2V_SEQUENCE_PLAN  # type: ignore[misc]
+            self.fps = 24  # type: ignore[misc]
         ratio = getattr(pipe.config, "boundary_ratio", None)
         self.boundary_timestep = None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
         if self.boundary_timestep is not None and getattr(pipe, "transformer_2", None) is None:
@@ -134,6 +166,27 @@ class WanAdapter(Adapter):
         # WanPipeline passes the scheduler's timestep expanded over the batch: UniPC's are int64, Euler's float.
         unipc = type(self.scheduler).__name__ == "UniPCMultistepScheduler"
         return torch.full((batch,), timestep, device=self.device, dtype=torch.int64 if unipc else torch.float32)
+
+    def forward(
+        self, module: torch.nn.Module, x_in: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        if self.expand_timesteps:
+            t = self.token_timesteps(t, x_in)
+            from ..parallel import sequence_parallel_state
+
+            state = sequence_parallel_state(module)
+            if state is not None:
+                check_ti2v_shards(t.shape[1], state.groups.layout.sp_degree)
+        return super().forward(module, x_in, t, kwargs)
+
+    def token_timesteps(self, t: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        """Wan 2.2 TI2V's per-token timestep ``[B, S]`` for the latent ``x_in`` of the current stage, built as
+        WanPipeline builds it: an all-ones float32 mask, one entry per patch (``[:, ::ph, ::pw]``; the pipeline
+        writes ``::2``, the released patch), times the timestep, flattened in the hidden states' token order."""
+        _, ph, pw = self.pipe.transformer.config.patch_size
+        mask = torch.ones(x_in.shape[2:], dtype=torch.float32, device=x_in.device)
+        per_token = mask[:, ::ph, ::pw].flatten().unsqueeze(0)
+        return per_token * t.to(x_in.device).unsqueeze(1)
 
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         # WanPipeline: un-normalise with the VAE's per-channel latents_mean / latents_std.

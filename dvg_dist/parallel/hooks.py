@@ -14,8 +14,8 @@ The token count of a forward is the size, along its dim, of the first tensor spl
 tables in every family we drive); later declared inputs of a different size on that dim do not carry the sequence
 (Wan 2.1's ``temb`` is ``[B, 6, D]``; only Wan 2.2 TI2V's ``[B, S, 6, D]`` does) and are left whole. Hazard: a
 non-sequence input whose size happens to equal the token count would be split; no family we drive declares one
-except Wan's ``temb`` at exactly 6 tokens, which the WanAdapter never produces (TI2V is refused, and 6 tokens is
-below any real stage grid).
+except Wan's ``temb`` at exactly 6 tokens, which no real stage grid comes near (TI2V's per-token timestep is
+split at the root, first, so there the token count is the sequence's own).
 
 Hazards, all ranks: every rank of the sp group must call the transformer with the same shapes in the same order —
 the hooks then enter the same collectives in the same order. Split sizes are re-derived from the current token

@@ -36,7 +36,8 @@ import torch
 
 from ..config import ATTENTION_BACKENDS, DTYPES, ConfigError, load_config
 from ..dvg.planner import Grid, InfeasibleBudget, Planner
-from ..models import FAMILIES, FamilySpec, InputError
+from ..models import FAMILIES, FamilySpec, InputError, SequencePlan
+from ..models.wan import WAN_TI2V_SEQUENCE_PLAN, check_ti2v_shards
 from ..parallel import shard_sizes
 from .cli import OneLineParser, _flag
 
@@ -62,6 +63,8 @@ class RealArch:
     depth: tuple[tuple[str, int], ...]
     """Config keys that set the depth and their multiple of ``--layers`` (HunyuanVideo: L dual + 2L single)."""
     source: str
+    sequence_plan: SequencePlan | None = None
+    """The plan when it is not the family's class default (Wan 2.2 TI2V: the per-token timestep is split too)."""
 
     @property
     def full_layers(self) -> int:
@@ -90,6 +93,21 @@ REAL_ARCHS: dict[str, RealArch] = {
         run_config="wan2.1-t2v-14b.yaml",
         depth=(("num_layers", 1),),
         source="Wan-AI/Wan2.1-T2V-14B-Diffusers (each expert of Wan2.2-T2V-A14B has the same config)",
+    ),
+    "wan-ti2v": RealArch(
+        family="wan",
+        model_class="WanTransformer3DModel",
+        config={
+            "patch_size": [1, 2, 2], "num_attention_heads": 24, "attention_head_dim": 128, "in_channels": 48,
+            "out_channels": 48, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 14336, "num_layers": 30,
+            "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
+            "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+        },
+        vae={"z_dim": 48, "scale_factor_temporal": 4, "scale_factor_spatial": 16},
+        run_config="wan2.2-ti2v-5b.yaml",
+        depth=(("num_layers", 1),),
+        source="Wan-AI/Wan2.2-TI2V-5B-Diffusers (5B: 30 blocks, per-token timesteps; Wan 2.2 VAE 4x16x16, 48 ch)",
+        sequence_plan=WAN_TI2V_SEQUENCE_PLAN,
     ),
     "hunyuan": RealArch(
         family="hunyuanvideo",
@@ -138,7 +156,13 @@ REAL_ARCHS: dict[str, RealArch] = {
 }
 # fmt: on
 
-TEXT_TOKENS = {"wan": (512,), "hunyuan": (256,), "hunyuan15": (1000, 256, 729), "hunyuan15-distill": (1000, 256, 729)}
+TEXT_TOKENS = {
+    "wan": (512,),
+    "wan-ti2v": (512,),
+    "hunyuan": (256,),
+    "hunyuan15": (1000, 256, 729),
+    "hunyuan15-distill": (1000, 256, 729),
+}
 """Text tokens per forward of each stream at real size: umT5 (Wan); Llama after the template crop (HunyuanVideo);
 Qwen2.5-VL, ByT5 and SigLIP image tokens (HV-1.5)."""
 
@@ -230,6 +254,11 @@ def make_inputs(
     kwargs: dict[str, Any] = {"hidden_states": randn(1, config.in_channels, grid.t, grid.h, grid.w)}
     if name == "wan":  # UniPC's int64 timestep, umT5 states
         kwargs.update(timestep=torch.tensor([500], device=device), encoder_hidden_states=randn(1, lengths[0], 4096))
+    elif name == "wan-ti2v":  # WanPipeline(expand_timesteps): one float32 timestep per token
+        tokens = grid.tokens(tuple(config.patch_size))
+        kwargs.update(
+            timestep=torch.full((1, tokens), 500.0, device=device), encoder_hidden_states=randn(1, lengths[0], 4096)
+        )
     elif name == "hunyuan":  # embedded guidance 6.0 × 1000, Llama states + mask, CLIP pooled
         kwargs.update(
             timestep=torch.tensor([500.0], device=device),
@@ -345,7 +374,8 @@ def run_rank(check: Check, rank: int = 0, world: int = 1, local_rank: int = 0) -
     if groups is not None:
         from ..parallel import parallelize_transformer
 
-        parallelize_transformer(model, FAMILIES[check.arch.family].sequence_plan, groups, check.attention_backend)
+        plan = check.arch.sequence_plan or FAMILIES[check.arch.family].sequence_plan
+        parallelize_transformer(model, plan, groups, check.attention_backend)
     cost = check.planner.cost_model
     stages = []
     for k, grid in enumerate(check.grids):
@@ -535,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--family",
         required=True,
         choices=sorted(REAL_ARCHS),
-        help="wan (2.1 14B), hunyuan (13B), hunyuan15 (8.3B), hunyuan15-distill (8.3B MeanFlow I2V)",
+        help="wan (2.1 14B), wan-ti2v (2.2 TI2V 5B), hunyuan (13B), hunyuan15 (8.3B), hunyuan15-distill (8.3B MeanFlow "
+        "I2V)",
     )
     _flag(p, "--nproc", type=int, default=1, help="ranks to spawn (one GPU each on CUDA)")
     _flag(p, "--layers", type=int, help="depth (default: the released one; HunyuanVideo: L dual + 2L single)")
@@ -604,6 +635,9 @@ def prepare(args: argparse.Namespace, world: int, argv: list[str]) -> Check:
     cost = adapter.cost_model_from_config(arch.config)
     planner = Planner(grid, s.steps, s.budget, config.dvg, spec.spatial_multiple, cost)
     chosen, _ = planner.choose(0.5)  # no sketch to read: equal demand weights
+    if world > 1 and arch.sequence_plan is WAN_TI2V_SEQUENCE_PLAN:
+        for g in chosen.grids:
+            check_ti2v_shards(g.tokens(spec.patch), world)
     return Check(
         args.family, arch, layers, DTYPES[args.dtype], device, world, args.ulysses_degree, args.ring_degree,
         args.attention_backend, spec, grid, planner, chosen.grids, chosen, args.steps_per_stage, args.text_len,
