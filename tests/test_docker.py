@@ -16,6 +16,7 @@ import yaml
 
 from dvg_dist.executors.ray_executor import build_parser as ray_parser
 from dvg_dist.runtime.generate import build_parser as generate_parser
+from dvg_dist.serve.cli import build_parser as serve_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -107,7 +108,7 @@ def compose() -> dict:
 def test_compose_parses_and_wires_a_ray_cluster() -> None:
     data = compose()
     services = data["services"]
-    assert set(services) == {"ray-head", "ray-worker", "submit"}
+    assert set(services) == {"ray-head", "ray-worker", "submit", "serve"}
     head, worker, submit = services["ray-head"], services["ray-worker"], services["submit"]
     assert "--head" in head["command"] and "--port=6379" in head["command"]
     assert "--address=ray-head:6379" in worker["command"]
@@ -155,3 +156,18 @@ def test_documented_generate_commands_parse(name: str) -> None:
     for cmd in commands:
         args = generate_parser().parse_args(shlex.split(cmd.strip()))
         assert (ROOT / args.config).is_file()
+
+
+def test_compose_serve_command_parses_with_serve_py() -> None:
+    """The video server: launch/serve.py joins the cluster, its HTTP port is the one the head publishes."""
+    services = compose()["services"]
+    svc = services["serve"]
+    assert svc["profiles"] == ["serve"] and svc["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    words = shlex.split(_env_defaults(svc["command"]))
+    assert words[:2] == ["python", "launch/serve.py"] and (ROOT / words[1]).is_file()
+    args = serve_parser().parse_args(words[2:])
+    assert args.address == "ray-head:6379" and args.host == "0.0.0.0"
+    assert args.out.startswith("/out/") and args.model == "/ckpt" and (ROOT / args.config).is_file()
+    assert args.gpus_per_rank == 1 and args.nproc >= 1
+    published = [_env_defaults(p) for p in services["ray-head"]["ports"]]
+    assert f"{args.port}:{args.port}" in published, "the head (where Serve's proxy runs) must publish the port"

@@ -113,12 +113,14 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     from dvg_dist.runtime.check_gpu import build_parser as check_gpu_parser
     from dvg_dist.runtime.generate import build_parser as generate_parser
     from dvg_dist.runtime.plan_cli import build_parser as plan_parser
+    from dvg_dist.serve.cli import build_parser as serve_parser
 
     return {
         "launch/generate.py": generate_parser,
         "launch/ray_generate.py": ray_parser,
         "launch/check_gpu.py": check_gpu_parser,
         "launch/plan.py": plan_parser,
+        "launch/serve.py": serve_parser,
         "launch/make_tiny_checkpoint.py": lambda: _launch_module("make_tiny_checkpoint").build_parser(),
         "launch/train_demo.py": lambda: _launch_module("train_demo").build_parser(),
     }
