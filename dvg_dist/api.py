@@ -334,10 +334,9 @@ def _is_checkpoint(path: str | None) -> bool:
     from .runtime.engine import resolve_model_path
 
     try:
-        resolve_model_path(path)
+        return (resolve_model_path(path) / "model_index.json").is_file()
     except (InputError, OSError, ValueError):
         return False
-    return True
 
 
 def _step_callback(callback: Callable[[StepInfo], None], config: Config) -> Callable[[Any], None]:
