@@ -167,6 +167,16 @@ def _as_config(config: Config | str | Path | None, overrides: Mapping[str, Any] 
     return load_config(config, items)
 
 
+def call_config(config: Config, settings: Mapping[str, Any]) -> Config:
+    """``config`` with :meth:`DVG.generate`'s per-call ``settings`` (``budget``, ``steps``, ...) applied, as a new
+    ``Config`` (``config`` itself when there are none); an unknown setting is a one-line :class:`InputError`."""
+    unknown = sorted(set(settings) - set(_PER_CALL))
+    if unknown:
+        raise InputError(f"unknown argument {unknown[0]}; per-call settings are {', '.join(_PER_CALL)}")
+    items = {_PER_CALL[k]: v for k, v in settings.items() if v is not None}
+    return _as_config(config, items) if items else config
+
+
 def _plain(value: Any) -> Any:
     """JSON of the config's non-JSON values (enums, LoRA specs) for the copy in :func:`_as_config`."""
     if hasattr(value, "value"):
@@ -231,11 +241,7 @@ class DVG:
     # -- generation ----------------------------------------------------------------------------------------
 
     def _call_config(self, settings: Mapping[str, Any]) -> Config:
-        unknown = sorted(set(settings) - set(_PER_CALL))
-        if unknown:
-            raise InputError(f"unknown argument {unknown[0]}; per-call settings are {', '.join(_PER_CALL)}")
-        items = {_PER_CALL[k]: v for k, v in settings.items() if v is not None}
-        return _as_config(self.config, items) if items else self.config
+        return call_config(self.config, settings)
 
     def generate(
         self,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 
-def _atomic(path: Path, write: Callable[[Path], None], suffix: str) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], suffix: str) -> None:
     """Write through a temp file in the same directory, then ``os.replace`` onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
@@ -51,20 +51,20 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
             writer.send(np.ascontiguousarray(frame))
         writer.close()
 
-    _atomic(path, write, ".mp4")
+    atomic_write(path, write, ".mp4")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
-    _atomic(path, write, ".json")
+    atomic_write(path, write, ".json")
 
 
 def write_latent(path: Path, latent: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    _atomic(path, lambda tmp: save_file({"latent": latent.detach().cpu().contiguous()}, str(tmp)), ".safetensors")
+    atomic_write(path, lambda tmp: save_file({"latent": latent.detach().cpu().contiguous()}, str(tmp)), ".safetensors")
 
 
 def output_name(prompt: str, seed: int, mode: str, index: int | None = None) -> str:

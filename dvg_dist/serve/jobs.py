@@ -58,7 +58,7 @@ class RequestChecker:
     def job(self, body: Any, job_id: str) -> dict[str, Any]:
         """The job for ``body``: ``{id, prompt, seed, image, settings, request}`` (``settings``: the
         ``DVG.generate`` keywords; ``request``: the settings the job will run with, for the client)."""
-        from ..api import _PER_CALL, _as_config
+        from ..api import call_config
         from ..runtime.engine import Request, validate
 
         if not isinstance(body, dict):
@@ -82,7 +82,7 @@ class RequestChecker:
             if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= 3600:
                 raise InputError(f"seconds must be a number in (0, 3600]; got {seconds!r}")
             settings["frame_num"] = self.frames_for(float(seconds))
-        config = _as_config(self.config, {_PER_CALL[k]: v for k, v in settings.items()})
+        config = call_config(self.config, settings)
         image = self._image(body.get("image"), job_id)
         try:
             validate(config, [Request(prompt, seed, image=None if image is None else str(image))])
@@ -119,10 +119,10 @@ class RequestChecker:
                 rgb = img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise InputError(f"image is not a readable image ({type(e).__name__})") from None
-        from ..runtime.outputs import _atomic
+        from ..runtime.outputs import atomic_write
 
         path = self.inputs / f"{job_id}.png"
-        _atomic(path, lambda tmp: rgb.save(tmp, format="PNG"), ".png")
+        atomic_write(path, lambda tmp: rgb.save(tmp, format="PNG"), ".png")
         return path
 
 
