@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import cpu_model  # noqa: E402
 from _video import MIN_PIXELS, as_json_number, centroids, contact_sheet, luma, psnr, ssim  # noqa: E402
-from fidelity import Setup, mode_config, planner_split  # noqa: E402
+from fidelity import Setup, _shown, mode_config, planner_split  # noqa: E402
 
 from dvg_dist.config import ConfigError  # noqa: E402
 from dvg_dist.data import procedural  # noqa: E402
@@ -881,10 +881,6 @@ def dumps(result: dict[str, Any]) -> str:
 def rows_of(runs: dict[str, Any]) -> list[dict[str, Any]]:
     """The rows of :func:`columnar` as dicts again."""
     return [dict(zip(runs["columns"], values)) for values in runs["rows"]]
-
-
-def _shown(path: Path) -> str:
-    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
