@@ -79,6 +79,13 @@ class RealArch:
 # each equals the class's diffusers defaults except where written). ``target_size``/``task_type`` of HV-1.5 do not
 # change the forward.
 # fmt: off
+# HunyuanVideo-1.5 480p's transformer; the T2V and the step-distilled I2V checkpoints differ only in task and MeanFlow.
+_HV15_480P: dict[str, Any] = {
+    "in_channels": 65, "out_channels": 32, "num_attention_heads": 16, "attention_head_dim": 128,
+    "num_layers": 54, "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 1, "patch_size_t": 1,
+    "qk_norm": "rms_norm", "text_embed_dim": 3584, "text_embed_2_dim": 1472, "image_embed_dim": 1152,
+    "rope_theta": 256.0, "rope_axes_dim": [16, 56, 56], "target_size": 480,
+}
 REAL_ARCHS: dict[str, RealArch] = {
     "wan": RealArch(
         family="wan",
@@ -126,13 +133,7 @@ REAL_ARCHS: dict[str, RealArch] = {
     "hunyuan15": RealArch(
         family="hunyuanvideo15",
         model_class="HunyuanVideo15Transformer3DModel",
-        config={
-            "in_channels": 65, "out_channels": 32, "num_attention_heads": 16, "attention_head_dim": 128,
-            "num_layers": 54, "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 1, "patch_size_t": 1,
-            "qk_norm": "rms_norm", "text_embed_dim": 3584, "text_embed_2_dim": 1472, "image_embed_dim": 1152,
-            "rope_theta": 256.0, "rope_axes_dim": [16, 56, 56], "target_size": 480, "task_type": "t2v",
-            "use_meanflow": False,
-        },
+        config={**_HV15_480P, "task_type": "t2v", "use_meanflow": False},
         vae={"latent_channels": 32, "temporal_compression_ratio": 4, "spatial_compression_ratio": 16},
         run_config="hunyuanvideo15-t2v-480p.yaml",
         depth=(("num_layers", 1),),
@@ -141,13 +142,7 @@ REAL_ARCHS: dict[str, RealArch] = {
     "hunyuan15-distill": RealArch(
         family="hunyuanvideo15",
         model_class="HunyuanVideo15Transformer3DModel",
-        config={
-            "in_channels": 65, "out_channels": 32, "num_attention_heads": 16, "attention_head_dim": 128,
-            "num_layers": 54, "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 1, "patch_size_t": 1,
-            "qk_norm": "rms_norm", "text_embed_dim": 3584, "text_embed_2_dim": 1472, "image_embed_dim": 1152,
-            "rope_theta": 256.0, "rope_axes_dim": [16, 56, 56], "target_size": 480, "task_type": "i2v",
-            "use_meanflow": True,
-        },
+        config={**_HV15_480P, "task_type": "i2v", "use_meanflow": True},
         vae={"latent_channels": 32, "temporal_compression_ratio": 4, "spatial_compression_ratio": 16},
         run_config="hunyuanvideo15-i2v-480p-stepdistill.yaml",
         depth=(("num_layers", 1),),
