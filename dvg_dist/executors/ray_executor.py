@@ -62,7 +62,7 @@ def free_port(host: str = "") -> int:
 
 
 class RankActor:
-    """One rank of one sp group, as a Ray actor (wrapped by ``ray.remote`` in :func:`_actor_class`)."""
+    """One rank of one sp group, as a Ray actor (wrapped by ``ray.remote`` in :func:`actor_class`)."""
 
     def __init__(self, config: Config, rank: int, world: int, verbose: bool = False) -> None:
         setup_logging(verbose)
@@ -116,16 +116,18 @@ class RankActor:
         return {"files": files, "time_s": result.timings["total"], "plan": describe_plan(record["plan"])}
 
 
-_ACTOR: Any = None
+_ACTORS: dict[type, Any] = {}
 
 
-def _actor_class() -> Any:
-    global _ACTOR
-    if _ACTOR is None:
+def actor_class(cls: type | None = None) -> Any:
+    """``ray.remote`` of a rank class (default :class:`RankActor`; the server's subclass too), made once per class:
+    never restarted, no task retries (a dead rank fails its group; the driver rebuilds it)."""
+    cls = RankActor if cls is None else cls
+    if cls not in _ACTORS:
         import ray
 
-        _ACTOR = ray.remote(max_restarts=0, max_task_retries=0)(RankActor)
-    return _ACTOR
+        _ACTORS[cls] = ray.remote(max_restarts=0, max_task_retries=0)(cls)
+    return _ACTORS[cls]
 
 
 @dataclass
@@ -224,7 +226,7 @@ class RayExecutor:
                 f"group {index}: placement group of {o.sp} x {bundle} ({o.strategy}) not ready after "
                 f"{o.placement_timeout_s:g}s: the cluster lacks the resources — check `ray status`"
             ) from None
-        cls = _actor_class()
+        cls = actor_class()
         actors = [
             cls.options(
                 num_cpus=o.cpus_per_worker, num_gpus=o.gpus_per_worker, runtime_env={"env_vars": self.env},

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..executors.ray_executor import FORWARDED_ENV, GroupFailed, RankActor, _describe
+from ..executors.ray_executor import FORWARDED_ENV, GroupFailed, RankActor, _describe, actor_class
 
 logger = logging.getLogger("dvg_dist.serve")
 
@@ -40,7 +40,7 @@ class JobCancelled(RuntimeError):
 
 
 class ServeRank(RankActor):
-    """One rank of a replica's group, holding a ``DVG`` (wrapped by ``ray.remote`` in :func:`_actor_class`)."""
+    """One rank of a replica's group, holding a ``DVG`` (wrapped by ``ray.remote`` in ``actor_class``)."""
 
     def __init__(self, config: Config, rank: int, world: int, verbose: bool = False) -> None:
         super().__init__(config, rank, world, verbose)
@@ -119,18 +119,6 @@ class ServeRank(RankActor):
         }  # fmt: skip
 
 
-_ACTOR: Any = None
-
-
-def _actor_class() -> Any:
-    global _ACTOR
-    if _ACTOR is None:
-        import ray
-
-        _ACTOR = ray.remote(max_restarts=0, max_task_retries=0)(ServeRank)
-    return _ACTOR
-
-
 @dataclass
 class Outcome:
     """How one job ended on a group."""
@@ -169,7 +157,7 @@ class RankGroup:
 
         pg = get_current_placement_group()
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        cls = _actor_class()
+        cls = actor_class(ServeRank)
         self.actors = [
             cls.options(
                 num_cpus=self.bundle.get("CPU", 1.0), num_gpus=self.bundle.get("GPU", 0.0), max_concurrency=2,
