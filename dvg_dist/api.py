@@ -307,7 +307,7 @@ class DVG:
         from .runtime.engine import validate
 
         if self._checkpoint:
-            validate(config, [request])
+            validate(config, [request], model_checks=False)  # the model's own were checked at load
             return
         s = config.sampling
         grid = self.engine.spec.latent_grid(*s.pixel_size(), s.frame_num)

@@ -88,18 +88,21 @@ def full_grid(config: Config, adapter_cls: type[Adapter], model_path: str | Path
     return adapter_cls.read_spec(model_path).latent_grid(width, height, config.sampling.frame_num)
 
 
-def validate(config: Config, requests: list[Request]) -> Grid:
+def validate(config: Config, requests: list[Request], model_checks: bool = True) -> Grid:
     """Every check that needs no weights: checkpoint directory, size, frame count, budget feasibility, image
-    arguments. Raises a one-line error; returns the full latent grid."""
+    arguments. Raises a one-line error; returns the full latent grid. ``model_checks=False`` skips what depends on
+    the model settings alone (VAE tiling, the checkpoint's own refusals, the LoRA files): for a per-request check
+    of an already loaded model, whose requests change only the sampling settings."""
     if not config.model.path:
         raise InputError("no model: set model.path in the config or pass --model")
     path = resolve_model_path(config.model.path)
     cls = adapter_class(path)
     grid = full_grid(config, cls, path)
     spec = cls.read_spec(path)
-    check_tiling(TileSettings.from_config(config.model), cls.read_json_configs(path)[1])
-    cls.check_checkpoint(path, config)
-    lora.check(config, path)
+    if model_checks:
+        check_tiling(TileSettings.from_config(config.model), cls.read_json_configs(path)[1])
+        cls.check_checkpoint(path, config)
+        lora.check(config, path)  # reads every LoRA file: once per model, not per request
     s = config.sampling
     if s.mode != Mode.FULL:
         cost = cost_model(config, cls, cls.read_json_configs(path)[0])
