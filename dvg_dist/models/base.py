@@ -146,6 +146,17 @@ class Adapter(ABC):
     def is_i2v(self) -> bool:
         return type(self.pipe).__name__ in self.i2v_pipeline_classes
 
+    @classmethod
+    def image_use(cls, model_index: dict[str, Any]) -> str:
+        """``"required"``, ``"optional"`` or ``"none"``: whether a checkpoint (its ``model_index.json``) takes
+        ``--image``. Image-to-video pipelines need one; Wan 2.2 TI2V's text-to-video pipeline may take one."""
+        return "required" if model_index.get("_class_name") in cls.i2v_pipeline_classes else "none"
+
+    @property
+    def accepts_image(self) -> bool:
+        """Whether ``encode`` may be given an image (its VAE then encodes it: offload keeps the VAE near)."""
+        return self.image_use({"_class_name": type(self.pipe).__name__, **dict(self.pipe.config)}) != "none"
+
     @property
     def transformer_dtype(self) -> torch.dtype:
         return self.pipe.transformer.dtype
@@ -198,6 +209,19 @@ class Adapter(ABC):
             return x.to(self.transformer_dtype)
         cond = sample_at(conditioning.latent_condition, ctx.coords, full).to(x)
         return torch.cat([x, cond], dim=1).to(self.transformer_dtype)
+
+    def pin_velocity(
+        self, v: torch.Tensor, x: torch.Tensor, ctx: StageContext, conditioning: Conditioning, full: Grid
+    ) -> torch.Tensor:
+        """The guided velocity of one call, where the conditioning fixes part of the latent exactly (Wan 2.2 TI2V's
+        image frame) pointed at that known clean value, so x̂0 — what the sketch is read from and what DVG's
+        transitions resize — carries it instead of a free-running value. Most families fix nothing."""
+        return v
+
+    def final_latent(self, latent: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The denoised full-size latent as the pipeline hands it to the VAE (Wan 2.2 TI2V writes the image's
+        latent into frame 0 after the last step); unchanged by default."""
+        return latent
 
     @abstractmethod
     def timestep_tensor(self, timestep: float, batch: int) -> torch.Tensor:

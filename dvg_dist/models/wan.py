@@ -1,4 +1,4 @@
-"""The Wan 2.1 / 2.2 adapter (T2V, I2V, the two-expert A14B MoE, and TI2V-5B text-to-video with per-token
+"""The Wan 2.1 / 2.2 adapter (T2V, I2V, the two-expert A14B MoE, and TI2V-5B text- and image-to-video with per-token
 timesteps) and its sequence plans, on diffusers' own Wan classes."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import torch
 
 from ..config import SamplingConfig
 from ..dvg.planner import CostModel, Grid
+from ..dvg.resize import sample_at
+from ..dvg.sampler import StageContext
 from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
 
 # The context-parallel layout diffusers itself declares for WanTransformer3DModel (``_cp_plan``): rotary
@@ -33,6 +35,11 @@ WAN_TI2V_SEQUENCE_PLAN = SequencePlan(
 )
 
 
+CLEAN_FIRST_FRAME = "dvg_clean_first_frame"
+"""A conditioning entry (not a transformer kwarg: :meth:`WanAdapter.forward` takes it out) saying the batch is Wan
+2.2 TI2V image-to-video. It rides in the kwargs so it reaches every rank with the broadcast conditioning."""
+
+
 def check_ti2v_shards(tokens: int, sp_degree: int) -> None:
     """Refuse a TI2V forward that would leave a rank without tokens: diffusers' condition embedder cannot unflatten
     an empty per-token timestep (the 1-D-timestep families run empty shards fine)."""
@@ -45,7 +52,8 @@ def check_ti2v_shards(tokens: int, sp_degree: int) -> None:
 
 class WanAdapter(Adapter):
     """``WanPipeline`` / ``WanImageToVideoPipeline``; ``transformer_2`` + ``boundary_ratio`` for Wan 2.2 A14B;
-    ``WanPipeline(expand_timesteps=True)`` for Wan 2.2 TI2V-5B (text-to-video)."""
+    ``WanPipeline(expand_timesteps=True)`` for Wan 2.2 TI2V-5B (text-to-video, and image-to-video with an image;
+    ``WanImageToVideoPipeline(expand_timesteps=True)`` needs one)."""
 
     family = "wan"
     pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
@@ -56,14 +64,8 @@ class WanAdapter(Adapter):
     def __init__(self, pipe: Any) -> None:
         super().__init__(pipe)
         self.expand_timesteps = bool(getattr(pipe.config, "expand_timesteps", False))
+        self._i2v_twin: Any = None
         if self.expand_timesteps:
-            if self.is_i2v:
-                # The pipeline overwrites latent frame 0 with the image after the last step and its x̂0 carries a
-                # free-running frame 0 into DVG's transitions: neither has an adapter seam yet.
-                raise InputError(
-                    "Wan 2.2 TI2V image-to-video (WanImageToVideoPipeline with expand_timesteps) is not supported "
-                    "yet; load the checkpoint as WanPipeline for text-to-video"
-                )
             # Per instance: a TI2V checkpoint's per-token timestep is split like the hidden states; its videos are
             # 24 fps (Wan2.2-TI2V-5B's sample_fps).
             self.sequence_plan = WAN_TI2V_SEQUENCE_PLAN  # type: ignore[misc]
@@ -72,6 +74,13 @@ class WanAdapter(Adapter):
         self.boundary_timestep = None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
         if self.boundary_timestep is not None and getattr(pipe, "transformer_2", None) is None:
             raise InputError("the checkpoint sets boundary_ratio but has no transformer_2")
+
+    @classmethod
+    def image_use(cls, model_index: dict[str, Any]) -> str:
+        # Wan 2.2 TI2V-5B is one model for both tasks: its WanPipeline checkpoint takes an optional first frame.
+        if model_index.get("_class_name") == "WanPipeline" and model_index.get("expand_timesteps"):
+            return "optional"
+        return super().image_use(model_index)
 
     @property
     def is_moe(self) -> bool:
@@ -108,7 +117,7 @@ class WanAdapter(Adapter):
         pipe = self.pipe
         # As WanPipeline: CFG when guidance_scale > 1 (the low-noise expert's guidance_scale_2 rides along).
         do_cfg = sampling.guidance_scale > 1.0
-        if image is not None and not self.is_i2v:
+        if image is not None and not self.accepts_image:
             raise InputError("--image needs an image-to-video checkpoint; this one is text-to-video (WanPipeline)")
         if image is None and self.is_i2v:
             raise InputError("this is an image-to-video checkpoint (WanImageToVideoPipeline): pass --image")
@@ -124,7 +133,12 @@ class WanAdapter(Adapter):
         cond_kwargs: dict[str, Any] = {"encoder_hidden_states": cond.to(dtype)}
         uncond_kwargs: dict[str, Any] | None = {"encoder_hidden_states": uncond.to(dtype)} if do_cfg else None
         latent_condition = None
-        if self.is_i2v:
+        if self.expand_timesteps and image is not None:
+            latent_condition = self._first_frame_condition(image, len(prompts), grid)
+            cond_kwargs[CLEAN_FIRST_FRAME] = True
+            if uncond_kwargs is not None:
+                uncond_kwargs[CLEAN_FIRST_FRAME] = True
+        elif self.is_i2v:
             latent_condition, image_embeds = self._image_condition(image, len(prompts), grid)
             if image_embeds is not None:
                 cond_kwargs["encoder_hidden_states_image"] = image_embeds
@@ -150,6 +164,64 @@ class WanAdapter(Adapter):
             )  # fmt: skip
         return condition, image_embeds
 
+    def _first_frame_condition(self, image: Any, batch: int, grid: Grid) -> torch.Tensor:
+        """Wan 2.2 TI2V image-to-video: the image's VAE latent from ``WanImageToVideoPipeline.prepare_latents`` with
+        ``expand_timesteps`` (normalised like the latents), repeated over the full grid's frames so it is a full-size
+        field every stage samples at its coordinates; only frame 0 is ever used (every stage's frame 0 is the full
+        frame 0). A WanPipeline checkpoint borrows the I2V pipeline's function through a twin sharing its modules."""
+        import diffusers
+
+        pipe = self.pipe
+        if not self.is_i2v and self._i2v_twin is None:
+            self._i2v_twin = diffusers.WanImageToVideoPipeline(
+                tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler,
+                transformer=pipe.transformer, transformer_2=getattr(pipe, "transformer_2", None),
+                expand_timesteps=True,
+            )  # fmt: skip
+        i2v = pipe if self.is_i2v else self._i2v_twin
+        st, sh, sw = self.spec.vae_scale
+        height, width, frames = grid.h * sh, grid.w * sw, (grid.t - 1) * st + 1
+        with torch.no_grad():
+            pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(self.device, torch.float32)
+            placeholder = torch.zeros(batch, self.spec.latent_channels, grid.t, grid.h, grid.w, device=self.device)
+            _, condition, _ = i2v.prepare_latents(
+                pixels, batch, self.spec.latent_channels, height, width, frames, torch.float32, self.device,
+                None, placeholder,
+            )  # fmt: skip
+        return condition.expand(-1, -1, grid.t, -1, -1).contiguous()
+
+    def model_input(self, x: torch.Tensor, ctx: StageContext, conditioning: Conditioning, full: Grid) -> torch.Tensor:
+        if not (self.expand_timesteps and conditioning.latent_condition is not None):
+            return super().model_input(x, ctx, conditioning, full)
+        # As WanImageToVideoPipeline with expand_timesteps: (1 - mask)·condition + mask·latents, mask 0 on frame 0.
+        mask = torch.ones((1, 1, *x.shape[2:]), dtype=torch.float32, device=x.device)
+        mask[:, :, 0] = 0
+        condition = sample_at(conditioning.latent_condition, ctx.coords, full).to(x)
+        return ((1 - mask) * condition + mask * x).to(self.transformer_dtype)
+
+    def pin_velocity(
+        self, v: torch.Tensor, x: torch.Tensor, ctx: StageContext, conditioning: Conditioning, full: Grid
+    ) -> torch.Tensor:
+        """Wan 2.2 TI2V image-to-video: frame 0 is the image, known exactly. Its velocity is set to the one that
+        points at it, ``(x - c)/σ``, so x̂0 = x - σ·v holds the image there; the model input never reads the
+        latent's frame 0 (it is replaced by the image) and the pipeline overwrites it after the last step, so the
+        result of a full run is unchanged — but DVG's sketch and its temporal upsampling see the image, not a
+        frame 0 that ran free."""
+        if not (self.expand_timesteps and conditioning.latent_condition is not None):
+            return v
+        c = sample_at(conditioning.latent_condition, ctx.coords, full)[:, :, 0].to(x)
+        v = v.clone()
+        v[:, :, 0] = ((x[:, :, 0] - c) / ctx.sigma).to(v.dtype)
+        return v
+
+    def final_latent(self, latent: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        if not (self.expand_timesteps and conditioning.latent_condition is not None):
+            return latent
+        # The pipeline after its loop: latents = (1 - mask)·condition + mask·latents.
+        mask = torch.ones((1, 1, *latent.shape[2:]), dtype=torch.float32, device=latent.device)
+        mask[:, :, 0] = 0
+        return (1 - mask) * conditioning.latent_condition.to(latent) + mask * latent
+
     def transformer_for(self, timestep: float) -> tuple[torch.nn.Module, str]:
         # Wan 2.2 A14B: the high-noise expert at t ≥ boundary, decided on the current stage's schedule.
         if self.boundary_timestep is None or timestep >= self.boundary_timestep:
@@ -171,7 +243,8 @@ class WanAdapter(Adapter):
         self, module: torch.nn.Module, x_in: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]
     ) -> torch.Tensor:
         if self.expand_timesteps:
-            t = self.token_timesteps(t, x_in)
+            kwargs = dict(kwargs)
+            t = self.token_timesteps(t, x_in, clean_first_frame=bool(kwargs.pop(CLEAN_FIRST_FRAME, False)))
             from ..parallel import sequence_parallel_state
 
             state = sequence_parallel_state(module)
@@ -179,12 +252,16 @@ class WanAdapter(Adapter):
                 check_ti2v_shards(t.shape[1], state.groups.layout.sp_degree)
         return super().forward(module, x_in, t, kwargs)
 
-    def token_timesteps(self, t: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+    def token_timesteps(self, t: torch.Tensor, x_in: torch.Tensor, clean_first_frame: bool = False) -> torch.Tensor:
         """Wan 2.2 TI2V's per-token timestep ``[B, S]`` for the latent ``x_in`` of the current stage, built as
         WanPipeline builds it: an all-ones float32 mask, one entry per patch (``[:, ::ph, ::pw]``; the pipeline
-        writes ``::2``, the released patch), times the timestep, flattened in the hidden states' token order."""
+        writes ``::2``, the released patch), times the timestep, flattened in the hidden states' token order. With
+        an image (``clean_first_frame``) the mask is 0 on frame 0, as WanImageToVideoPipeline's: those tokens are
+        clean, at timestep 0."""
         _, ph, pw = self.pipe.transformer.config.patch_size
         mask = torch.ones(x_in.shape[2:], dtype=torch.float32, device=x_in.device)
+        if clean_first_frame:
+            mask[0] = 0
         per_token = mask[:, ::ph, ::pw].flatten().unsqueeze(0)
         return per_token * t.to(x_in.device).unsqueeze(1)
 

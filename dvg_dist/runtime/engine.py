@@ -112,11 +112,11 @@ def validate(config: Config, requests: list[Request], model_checks: bool = True)
                 raise InputError("mode fixed needs --fixed s,r (or dvg.fixed in the config)")
         else:
             planner.feasible(Mode.DVG if s.mode in (Mode.TRILINEAR, Mode.RANDOM_RENOISE) else s.mode)
-    i2v = read_model_index(path)["_class_name"] in cls.i2v_pipeline_classes
+    image_use = cls.image_use(read_model_index(path))
     for r in requests:
-        if r.image is not None and not i2v:
+        if r.image is not None and image_use == "none":
             raise InputError(f"--image given but {path} is a text-to-video checkpoint")
-        if r.image is None and i2v:
+        if r.image is None and image_use == "required":
             raise InputError(f"{path} is an image-to-video checkpoint: pass --image")
         if r.image is not None and not Path(r.image).is_file():
             raise InputError(f"image not found: {r.image}")
@@ -277,6 +277,7 @@ class Engine:
                     if conditioning.uncond is not None:
                         v_uncond = adapter.forward(module, x_in, t, {**conditioning.uncond, **step})
                         v = v_uncond + g * (v - v_uncond)
+            v = adapter.pin_velocity(v, x, ctx, conditioning, grid)
             grid_k = (ctx.grid.t, ctx.grid.h, ctx.grid.w)
             trace.append(StepTrace(ctx.step, ctx.stage, timestep, expert, grid_k, g, ctx.next_timestep))
             bars.update(ctx)
@@ -293,6 +294,7 @@ class Engine:
             )  # fmt: skip
         finally:
             bars.close()
+        latent = adapter.final_latent(latent, conditioning)
         timings["denoise"] = time.perf_counter() - t0
         for key, value in record.timings.items():
             timings[key] = value

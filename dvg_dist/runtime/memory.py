@@ -92,7 +92,7 @@ def places_components(config: Config) -> bool:
 def encode_components(adapter: Any) -> list[str]:
     """What the adapter's ``encode`` runs: the encoders, and the VAE of image-to-video checkpoints (it encodes the
     first frame)."""
-    return encoder_names(adapter.pipe) + (["vae"] if adapter.is_i2v else [])
+    return encoder_names(adapter.pipe) + (["vae"] if adapter.accepts_image else [])
 
 
 def place(
