@@ -46,6 +46,27 @@ stage-switch cost is (sp - 1) × the pickled :class:`~dvg_dist.dvg.Decision` thi
 
 Step time at 1 process (2 threads) vs 2 processes (1 thread each) on this 2-core machine is context only: the
 tiny model is all overhead, and 2 ranks on 2 cores measure the collectives' latency, not a speed-up.
+
+**Stage-aware layouts** (``--layouts``, written to ``bench/results/parallel_layouts.json``;
+``dvg_dist/parallel/layouts.py``):
+
+    python bench/parallel.py --layouts [--frames 33 --size 512x320 --steps 12]
+
+(a) *A model* of 8-GPU scaling per stage, not a measurement: Wan 2.1 14B at 1280×720×81 (latent 21×90×160, CFG on:
+two passes per step) and HunyuanVideo 13B at 1280×720×129 (33×90×160, embedded guidance: one pass), their released
+transformer configs (``check_gpu.REAL_ARCHS``), the DVG plan at budget 0.5 and 50 steps (equal demand weights), each
+stage priced by :func:`dvg_dist.parallel.layouts.estimate` for every layout of 8 ranks with an *assumed* H100/H200
+NVLink node (:data:`GPU_LINK`: 25 µs per collective, 150 GB/s all-to-all per GPU, 400 TFLOP/s bf16 achieved — about
+40 % of the 989 TFLOP/s dense peak), batch 1 and 2. The formulas are the ones ``auto`` uses at run time; they ignore
+kernel efficiency at small shapes, overlap of compute and communication, and memory limits.
+
+(b) *Measured* on this machine (CPU, gloo): the attention-dominated Wan of ``bench/speedup.py`` (2 heads × 64, one
+block; 33 frames × 512×320 → latent 9×40×64 = 5,760 tokens at full size) with guidance 5 (two passes per step), DVG at
+budget 0.5 and ``full``, at 1 process (2 threads), 2 and 4 processes (1 thread each): the fixed layout (``u2`` /
+``u2xr2``, the default for 2 heads) against ``parallel.stage_layouts: auto`` (the cost model with the link measured at
+start-up). One warm-up run, then the best of ``--repeats`` timed runs of the denoising loop. **4 processes on 2 cores
+oversubscribe the CPU**: the 4-process rows measure the collectives' cost and the layout's effect on it, not a
+4-way speed-up.
 """
 
 from __future__ import annotations
@@ -75,8 +96,9 @@ import torch
 import torch.distributed as dist
 from _common import cpu_model
 
-from dvg_dist.dvg import Decision, Demands, Grid, Planner
+from dvg_dist.dvg import Decision, Demands, DVGOptions, Grid, Planner
 from dvg_dist.parallel import shard_sizes
+from dvg_dist.parallel.layouts import ArchModel, LayoutSpec, LinkModel, auto_candidates, choose, default_split
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "parallel.json"
@@ -740,13 +762,243 @@ def print_report(
     print(_table(["layout", "DVG run", "full run", "DVG/full", "stage switches"], trows))
 
 
+# ------------------------------------------------------------------------------------------------ stage layouts
+
+LAYOUTS_OUT = Path(__file__).resolve().parent / "results" / "parallel_layouts.json"
+GPU_LINK = LinkModel(latency_s=25e-6, bandwidth=150e9, flops=400e12, source="assumed: one H100/H200 NVLink node")
+"""The 8-GPU model's link (an assumption, stated in the docs; not measured here)."""
+MODEL_ARCHS = {"wan": (1280, 720, 81, 2), "hunyuan": (1280, 720, 129, 1)}
+"""REAL_ARCHS key → (width, height, frames, passes per step)."""
+LAYOUT_WORLDS = (1, 2, 4)
+FIXED_LAYOUT = {1: "u1", 2: "u2", 4: "u2xr2"}
+
+
+def layout_model(world: int = 8, batch: int = 1) -> list[dict[str, Any]]:
+    """Per architecture and stage: the fixed layout's (all-Ulysses, the default) and the cheapest layout's modelled
+    time per model call on ``world`` GPUs, and the run totals (DVG and full, fixed and stage-aware)."""
+    from dvg_dist.models import FAMILIES as ADAPTER_FAMILIES
+    from dvg_dist.runtime.check_gpu import REAL_ARCHS
+
+    out = []
+    for key, (width, height, frames, branches) in MODEL_ARCHS.items():
+        real = REAL_ARCHS[key]
+        adapter = ADAPTER_FAMILIES[real.family]
+        spec = adapter.spec_from_configs(real.config, real.vae)
+        cost = adapter.cost_model_from_config(real.config)
+        arch = ArchModel.from_config(real.config, cost, 2)
+        heads = int(real.config["num_attention_heads"])
+        full = spec.latent_grid(width, height, frames)
+        planner = Planner(full, ANALYTIC_STEPS, ANALYTIC_BUDGET, DVGOptions(), spec.spatial_multiple, cost)
+        chosen, _ = planner.choose(ANALYTIC_W_S)
+        fixed = LayoutSpec(1, 1, *default_split(world, heads))
+        cands = [fixed] + [c for c in auto_candidates(world, heads, branches == 2, batch) if c != fixed]
+        stages: list[dict[str, Any]] = []
+        for plan, grids, counts in (("dvg", chosen.grids, planner.executed_counts), ("full", [full], [ANALYTIC_STEPS])):
+            for k, (grid, calls) in enumerate(zip(grids, counts)):
+                tokens = grid.tokens(cost.patch)
+                best, estimates = choose(cands, tokens, batch, branches, arch, GPU_LINK)
+                stages.append({
+                    "plan": plan, "stage": k + 1, "grid": grid.as_list(), "tokens": tokens, "calls": calls,
+                    "fixed": fixed.name, "fixed_ms": estimates[fixed].total_s * 1e3,
+                    "fixed_comm_share": estimates[fixed].comm_s / estimates[fixed].total_s,
+                    "best": best.name, "best_ms": estimates[best].total_s * 1e3,
+                    "estimates_ms": {c.name: e.total_s * 1e3 for c, e in estimates.items()},
+                })  # fmt: skip
+        totals = {
+            f"{plan}_{kind}_s": sum(r["calls"] * r[f"{kind}_ms"] for r in stages if r["plan"] == plan) / 1e3
+            for plan in ("dvg", "full")
+            for kind in ("fixed", "best")
+        }
+        out.append({
+            "arch": key, "source": real.source, "world": world, "batch": batch, "passes_per_step": branches,
+            "full_grid": full.as_list(), "steps": ANALYTIC_STEPS, "budget": ANALYTIC_BUDGET, "stages": stages,
+            **totals,
+            "stage_aware_gain_dvg": totals["dvg_fixed_s"] / totals["dvg_best_s"],
+            "dvg_speedup_fixed": totals["full_fixed_s"] / totals["dvg_fixed_s"],
+            "dvg_speedup_stage_aware_vs_full_fixed": totals["full_fixed_s"] / totals["dvg_best_s"],
+        })  # fmt: skip
+    return out
+
+
+def _layout_rank(rank: int, world: int, port: int, args: argparse.Namespace, outdir: str) -> None:
+    """One rank of the measured comparison: every (mode, policy) run, warm-up first; rank 0 writes its report."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.set_num_threads(2 if world == 1 else 1)
+    from diffusers import DiffusionPipeline
+    from speedup import FAMILIES as BENCH_FAMILIES
+
+    from dvg_dist.config import load_config
+    from dvg_dist.parallel import ParallelLayout, build_groups
+    from dvg_dist.runtime.distributed import ParallelContext
+    from dvg_dist.runtime.engine import Engine, Request
+
+    par = None
+    if world > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=600),
+        )  # fmt: skip
+        fixed = LayoutSpec.parse(FIXED_LAYOUT[world])
+        par = ParallelContext(build_groups(ParallelLayout(world, fixed.ulysses, fixed.ring, 1, num_heads=2)))
+    try:
+        # bench/speedup.py's attention-dominated transformer in the tiny pipeline the parent wrote (seeded init: the
+        # same weights on every rank).
+        path = Path(outdir, "wan")
+        pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
+        torch.manual_seed(SEED)
+        tconfig = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+        pipe.transformer = type(pipe.transformer).from_config({**tconfig, **BENCH_FAMILIES["wan"].overrides}).eval()
+        base = [f"model.path={path}", f"sampling.steps={args.steps}", f"sampling.frame_num={args.frames}",
+                f"sampling.size={args.size}", "sampling.guidance_scale=5.0", "sampling.budget=0.5"]  # fmt: skip
+        runs: dict[str, Any] = {}
+        policies = ("stage-aware", "fixed") if world > 1 else ("single",)
+        for mode in ("dvg", "full"):
+            for policy in policies:
+                layouts = {"stage-aware": ["parallel.stage_layouts=auto"], "fixed": ["parallel.stage_layouts=fixed"]}
+                config = load_config(CONFIG, [*base, f"sampling.mode={mode}", *layouts.get(policy, [])])
+                if par is not None:
+                    par.setup_stage_layouts(config, 2, True)
+                engine = Engine(config, pipe, parallel=par)
+                engine.generate([Request(PROMPT, seed=SEED)], decode=False, progress=False)  # warm-up
+                best = None
+                for _ in range(args.repeats):
+                    result = engine.generate([Request(PROMPT, seed=SEED)], decode=False, progress=False)
+                    if best is None or result.timings["denoise"] < best.timings["denoise"]:
+                        best = result
+                assert best is not None
+                counts: dict[int, int] = {}
+                for t in best.trace:
+                    counts[t.stage] = counts.get(t.stage, 0) + 1
+                runs[f"{mode}/{policy}"] = {
+                    "denoise_s": best.timings["denoise"],
+                    "stages": [
+                        {
+                            "stage": k + 1, "grid": list(best.trace[[t.stage for t in best.trace].index(k)].grid),
+                            "calls": n, "time_s": best.timings.get(f"stage{k + 1}", best.timings["denoise"]),
+                            "ms_per_call": 1e3 * best.timings.get(f"stage{k + 1}", best.timings["denoise"]) / n,
+                            "layout": None if best.layouts is None else best.layouts[k],
+                        }
+                        for k, n in sorted(counts.items())
+                    ],
+                }  # fmt: skip
+        if rank == 0:
+            link = None if par is None or par.link is None else par.link.to_dict()
+            Path(outdir, "report.json").write_text(json.dumps({"runs": runs, "link": link}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def measure_layouts(args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    """Rank 0's report per world size (1 process runs in this process's own spawned child too: same code path)."""
+    import torch.multiprocessing as tmp
+
+    from dvg_dist.models.tiny import build_tiny_checkpoint
+
+    out = {}
+    for world in LAYOUT_WORLDS:
+        with tempfile.TemporaryDirectory() as outdir:
+            build_tiny_checkpoint("wan", Path(outdir, "wan"), SEED)
+            tmp.spawn(_layout_rank, args=(world, _free_port(), args, outdir), nprocs=world, join=True)
+            out[world] = json.loads(Path(outdir, "report.json").read_text())
+    return out
+
+
+def print_layouts(measured: dict[int, dict[str, Any]], model: list[dict[str, Any]]) -> None:
+    print("(a) MODEL, not measured: 8 GPUs, assumed link "
+          f"{GPU_LINK.latency_s * 1e6:.0f} us / {GPU_LINK.bandwidth / 1e9:.0f} GB/s / {GPU_LINK.flops / 1e12:.0f} "
+          "TFLOP/s per GPU; ms per model call on the busiest rank")  # fmt: skip
+    for m in model:
+        print(f"\n{m['arch']} {m['full_grid']} ({m['passes_per_step']} pass(es) per step), batch {m['batch']}:")
+        rows = [[r["plan"], str(r["stage"]), "x".join(map(str, r["grid"])), str(r["tokens"]), str(r["calls"]),
+                 f"{r['fixed']} {r['fixed_ms']:.1f} ({100 * r['fixed_comm_share']:.0f}% comm)",
+                 f"{r['best']} {r['best_ms']:.1f}", f"{r['fixed_ms'] / r['best_ms']:.2f}x"]
+                for r in m["stages"]]  # fmt: skip
+        print(_table(["plan", "stage", "grid", "tokens", "calls", "fixed", "stage-aware", "gain"], rows))
+        print(f"run: dvg fixed {m['dvg_fixed_s']:.1f} s, dvg stage-aware {m['dvg_best_s']:.1f} s "
+              f"({m['stage_aware_gain_dvg']:.2f}x); full fixed {m['full_fixed_s']:.1f} s; DVG speed-up vs full "
+              f"(fixed) {m['dvg_speedup_fixed']:.2f}x -> {m['dvg_speedup_stage_aware_vs_full_fixed']:.2f}x "
+              "stage-aware")  # fmt: skip
+    print("\n(b) MEASURED, CPU/gloo (4 processes on 2 cores: oversubscribed), attention-dominated tiny Wan, CFG on")
+    four = measured[4]["runs"]
+    rows = []
+    for a, f in zip(four["dvg/stage-aware"]["stages"], four["dvg/fixed"]["stages"]):
+        est = a["layout"]["estimates"] if a["layout"] else {}
+        model_f = est.get(f["layout"]["layout"], {}).get("total_ms") if f["layout"] else None
+        model_a = est.get(a["layout"]["layout"], {}).get("total_ms") if a["layout"] else None
+        rows.append([str(a["stage"]), "x".join(map(str, a["grid"])), str(a["calls"]),
+                     f"{f['layout']['layout']} {f['ms_per_call']:.0f}",
+                     f"{a['layout']['layout']} {a['ms_per_call']:.0f}",
+                     f"{f['ms_per_call'] / a['ms_per_call']:.2f}x",
+                     f"{model_f:.0f} / {model_a:.0f}" if model_f and model_a else "-"])  # fmt: skip
+    print(
+        "4 processes, DVG, ms per model call (model's estimate fixed / stage-aware, measured link "
+        f"{measured[4]['link']})"
+    )
+    print(_table(["stage", "grid", "calls", "fixed", "stage-aware", "gain", "model ms"], rows))
+    rows = []
+    for world, rep in measured.items():
+        r = rep["runs"]
+        if world == 1:
+            rows.append(["1", f"{r['full/single']['denoise_s']:.2f}", "-", f"{r['dvg/single']['denoise_s']:.2f}", "-",
+                         f"{r['full/single']['denoise_s'] / r['dvg/single']['denoise_s']:.2f}x", "-"])  # fmt: skip
+            continue
+        ff, fa = r["full/fixed"]["denoise_s"], r["full/stage-aware"]["denoise_s"]
+        df, da = r["dvg/fixed"]["denoise_s"], r["dvg/stage-aware"]["denoise_s"]
+        rows.append(
+            [str(world), f"{ff:.2f}", f"{fa:.2f}", f"{df:.2f}", f"{da:.2f}", f"{ff / df:.2f}x", f"{ff / da:.2f}x"]
+        )
+    print("\ndenoising loop, s (speed-up = full with the fixed layout / dvg)")
+    print(_table(["procs", "full fixed", "full stage-aware", "dvg fixed", "dvg stage-aware", "dvg speed-up fixed",
+                  "dvg speed-up stage-aware"], rows))  # fmt: skip
+
+
+def layouts_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    t0 = time.perf_counter()
+    model = [m for batch in (1, 2) for m in layout_model(8, batch)]
+    measured = measure_layouts(args)
+    print_layouts(measured, model)
+    elapsed = time.perf_counter() - t0
+    print(f"\n({elapsed:.0f} s)")
+    report = {
+        "command": "python bench/parallel.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+        "model_8gpu": {"note": "a model, not a measurement", "link": GPU_LINK.__dict__, "archs": model},
+        "measured": {
+            "note": "CPU/gloo; 4 processes on 2 cores oversubscribe the CPU",
+            "arch": "bench/speedup.py's attention-dominated Wan (2 heads x 64, FFN 256, 1 layer)",
+            "frames": args.frames,
+            "size": args.size,
+            "steps": args.steps,
+            "guidance": 5.0,
+            "budget": 0.5,
+            "repeats": args.repeats,
+            "fixed_layouts": FIXED_LAYOUT,
+            "worlds": {str(w): rep for w, rep in measured.items()},
+        },
+        "machine": {"cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__},
+        "elapsed_s": elapsed,
+    }
+    out = args.out if args.out != DEFAULT_OUT else LAYOUTS_OUT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="parallel.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="denoising steps of the measured runs (default 12)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result JSON")
+    parser.add_argument("--layouts", action="store_true", help="the stage-aware layout benchmark (model + measured)")
+    parser.add_argument("--frames", type=int, default=33, help="--layouts: pixel frames (default 33)")
+    parser.add_argument("--size", default="512x320", help="--layouts: WxH (default 512x320)")
+    parser.add_argument("--repeats", type=int, default=1, help="--layouts: timed runs per case, best kept (default 1)")
     args = parser.parse_args(argv)
     if args.steps < 4:
         parser.error("--steps must be >= 4 (a DVG plan has 4 stages)")
+    if args.layouts:
+        return layouts_main(args, argv)
 
     t0 = time.perf_counter()
     reports = measure_parallel(args.steps)

@@ -2,7 +2,7 @@
 
     python bench/speedup.py [--steps 20] [--budgets 0.4,0.5,0.6,0.8] [--frames 49 --size 640x384] [--repeats 3]
     python bench/speedup.py --steps 8,12,50 --budgets 0.5,0.6,0.7 --out bench/results/speedup_steps.json
-    python bench/speedup.py --family wan,wan-ti2v,hunyuan,hunyuan15 --budgets 0.5  # -> speedup_families.json
+    python bench/speedup.py --family wan,wan-ti2v,hunyuan,hunyuan15,ltx,cogvideox --budgets 0.5 --steps 20
 
 Architecture (``--family wan``, the default): diffusers' ``WanTransformer3DModel`` with 2 heads × 64 (hidden 128),
 FFN 256, 1 layer, patch (1, 2, 2), inside the tiny Wan pipeline (its umT5 text encoder and VAE). At 49 frames ×
@@ -74,6 +74,21 @@ FAMILIES: dict[str, BenchFamily] = {
     "hunyuan": BenchFamily("hunyuan", "tiny-hunyuan.yaml", {**_HUNYUAN_WIDTH, "num_single_layers": 0}, 49, "640x384"),
     # HV-1.5: VAE 16x, patch 1.
     "hunyuan15": BenchFamily("hunyuan15", "tiny-hunyuan15.yaml", _HUNYUAN_WIDTH, 49, "640x384", (1, 1, 1)),
+    # LTX-Video: VAE 8x32x32, patch 1, so 97 frames x 1280x768 are 13x24x40 = 12,480 tokens; FFN fixed at 4 x hidden.
+    "ltx": BenchFamily(
+        "ltx", "tiny-ltx.yaml", {**_WIDTH, "num_layers": 1, "cross_attention_dim": 128}, 97, "1280x768", (1, 1, 1)
+    ),
+    # CogVideoX 1.5: VAE 4x8x8, patch 2x2x2; 101 frames -> 26 latent frames (13 temporal patches) x 24 x 40 = 12,480
+    # tokens at 640x384. The rotary table must reach 40x24 patches (sample_width/height in latent pixels); the FFN is
+    # 4 x hidden (not configurable); the T5 tokens join every attention.
+    "cogvideox": BenchFamily(
+        "cogvideox",
+        "tiny-cogvideox.yaml",
+        {**_WIDTH, "num_layers": 1, "sample_width": 80, "sample_height": 48},
+        101,
+        "640x384",
+        (2, 2, 2),
+    ),
 }
 """The families ``--family`` takes."""
 

@@ -135,8 +135,17 @@ class ModelConfig:
     fuse_lora: bool = False
     """Fuse the LoRA deltas (at their scales) into the weights after loading and drop the LoRA layers: the
     transformer runs at its plain speed and memory; the adapters cannot be changed afterwards."""
+    compile: str = "none"
+    """``torch.compile`` the transformer(s) (``--compile``): ``none``; ``blocks`` compiles each repeated block
+    (regional compilation, the blocks share one graph); ``full`` the whole transformer. The sequence length is
+    dynamic, so every stage grid and every plan reuse one compiled graph; compile time is reported apart from the
+    denoising time. Not with ``offload`` or ``parallel.shard_weights``."""
 
     def __post_init__(self) -> None:
+        if self.compile not in ("none", "blocks", "full"):
+            raise ConfigError(f"model.compile must be none, blocks or full; got {self.compile!r}")
+        if self.compile != "none" and self.offload:
+            raise ConfigError("--compile with --offload is not supported: moving weights between devices recompiles")
         self.loras = _lora_specs(self.loras, "model.loras")
         self.loras_2 = _lora_specs(self.loras_2, "model.loras_2")
         if not isinstance(self.fuse_lora, bool):
@@ -260,6 +269,19 @@ class ParallelConfig:
     text_encoder: str = "each"
     """``each``: every rank encodes the prompt itself; ``rank0``: rank 0 encodes and broadcasts (the other ranks
     never run the text encoder). Same result either way."""
+    stage_layouts: tuple[str, ...] | None = None
+    """Per-stage layouts (``--stage_layouts``): one entry for every stage, or 4, one per DVG stage (``full`` mode
+    uses the last). An entry is ``auto`` (a cost model picks the cheapest layout for that stage's grid), ``fixed``
+    (the layout of the degrees above) or a spec: ``dpN``, ``cfgN``, ``uN`` (Ulysses), ``rN`` (ring) joined by ``x``,
+    e.g. ``u4``, ``cfg2xu2``, ``dp2xu2``; the degrees must multiply to the world size. CFG-parallel needs guidance,
+    ``dpN`` a batch of N or more prompts (the executors run one per batch). A string is split at commas. None: every
+    stage on the fixed layout. Switching layouts moves no data; same result (docs/parallel.md)."""
+    link_latency_us: float | None = None
+    """Cost model of ``auto`` stage layouts: microseconds per collective call; None = measured at start-up."""
+    link_bandwidth_gbs: float | None = None
+    """Cost model: GB/s one rank sends to the others in a collective; None = measured at start-up."""
+    compute_tflops: float | None = None
+    """Cost model: TFLOP/s one rank achieves in the transformer; None = measured at start-up (one matmul)."""
 
     def __post_init__(self) -> None:
         for name in ("ulysses_degree", "ring_degree"):
@@ -277,6 +299,24 @@ class ParallelConfig:
             )
         if self.text_encoder not in ("each", "rank0"):
             raise ConfigError(f"parallel.text_encoder must be one of each, rank0; got {self.text_encoder!r}")
+        if self.stage_layouts is not None:
+            from .parallel.layouts import parse_entry  # lazy: the config module stays free of torch.distributed
+
+            entries = self.stage_layouts
+            if isinstance(entries, str):
+                entries = tuple(e.strip() for e in entries.split(","))
+            if not isinstance(entries, tuple | list) or len(entries) not in (1, 4):
+                raise ConfigError(
+                    f"parallel.stage_layouts must be one entry or 4 (one per DVG stage); got {self.stage_layouts!r}"
+                )
+            try:
+                self.stage_layouts = tuple(str(parse_entry(e)) for e in entries)
+            except ValueError as e:
+                raise ConfigError(f"parallel.stage_layouts: {e}") from None
+        for name in ("link_latency_us", "link_bandwidth_gbs", "compute_tflops"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"parallel.{name} must be > 0; got {value}")
 
 
 @dataclass

@@ -17,14 +17,16 @@ from dvg_dist.models import FAMILIES
 from dvg_dist.runtime.check_gpu import REAL_ARCHS, build_transformer, main, materialize_random_
 
 ROOT = Path(__file__).resolve().parents[1]
-# hidden = heads × 128, parameters at the released depth (Wan2.1 14B, Wan2.2 TI2V 5B, HunyuanVideo 13B,
-# HunyuanVideo-1.5 8.3B).
+# hidden = heads × head dim (128; LTX-Video 64), parameters at the released depth (Wan2.1 14B, Wan2.2 TI2V 5B,
+# HunyuanVideo 13B, HunyuanVideo-1.5 8.3B, LTX-Video 2B).
 REAL = {
     "wan": (40, 5120, 14.0e9, 14.5e9),
     "wan-ti2v": (24, 3072, 4.9e9, 5.1e9),
     "hunyuan": (24, 3072, 12.5e9, 13.2e9),
     "hunyuan15": (16, 2048, 8.2e9, 8.4e9),
     "hunyuan15-distill": (16, 2048, 8.2e9, 8.4e9),  # + the timestep_r embedder
+    "ltx": (32, 2048, 1.8e9, 2.0e9),
+    "cogvideox": (48, 3072, 5.4e9, 5.7e9),  # CogVideoX1.5 5B: head dim 64
 }
 TINY = ["--layers", "1", "--size", "64x64", "--text_len", "8", "--steps-per-stage", "1"]
 
@@ -70,14 +72,21 @@ def _check_report(r: dict[str, Any], family: str, world: int) -> None:
     assert j["speedup_flop_model"] == pytest.approx(1 / r["plan"]["flop_density"])
 
 
-@pytest.mark.parametrize("family", ["wan", "wan-ti2v", "hunyuan", "hunyuan15", "hunyuan15-distill"])
+@pytest.mark.parametrize("family", ["wan", "wan-ti2v", "hunyuan", "hunyuan15", "hunyuan15-distill", "ltx", "cogvideox"])
 def test_real_width_one_process(family: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    r, out = _run(tmp_path, capsys, "--family", family, *TINY, "--frame_num", "9")
+    # LTX-Video's 8x32x32 VAE: 17 frames at 128x128 are a 3x4x4 latent (64x64 would leave DVG no room)
+    size = ["--size", "128x128", "--frame_num", "17"] if family == "ltx" else ["--frame_num", "9"]
+    r, out = _run(tmp_path, capsys, "--family", family, *TINY, *size)
     _check_report(r, family, world=1)
     if family == "hunyuan15-distill":  # the step-distilled recipe: 12 steps, a MeanFlow transformer
         assert r["steps"] == 12 and r["config"]["use_meanflow"] and r["config"]["task_type"] == "i2v"
     if family == "wan-ti2v":  # the Wan 2.2 VAE's 4x16x16 and 48 channels: 9 frames at 64x64 are a 3x4x4 latent
         assert r["latent"] == [3, 4, 4] and r["config"]["in_channels"] == r["config"]["out_channels"] == 48
+    if family == "ltx":  # patch 1: one token per latent voxel; 128 channels; T5 prompt, FFN 4 × hidden
+        assert r["latent"] == [3, 4, 4] and r["patch"] == [1, 1, 1] and r["config"]["in_channels"] == 128
+        assert r["ffn"] == 8192 and r["stages"][-1]["tokens"] == 48
+    if family == "cogvideox":  # 9 frames: 3 latent frames padded in front to 4 (patch_size_t 2), as the pipeline pads
+        assert r["latent"] == [4, 8, 8] and r["patch"] == [2, 2, 2] and r["stages"][-1]["tokens"] == 32
     assert r["layers"] == 1 and r["dtype"] == "bfloat16" and r["memory_kind"] == "rss_high_water"
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("stage"))
@@ -121,6 +130,8 @@ def test_random_weights_are_deterministic() -> None:
         (["--family", "wan-ti2v", "--size", "1280x720"], "height of 32 (nearest valid: 1280x704)"),
         (["--family", "wan-ti2v", "--size", "64x64", "--frame_num", "9", "--nproc", "3"], "one token per rank"),
         (["--family", "hunyuan15", "--frame_num", "10"], "not 4k+1"),
+        (["--family", "ltx", "--size", "700x480"], "multiple of 32 and height of 32 (nearest valid: 704x480)"),
+        (["--family", "ltx", "--frame_num", "160"], "frame count 160 is not 8k+1 for this model; nearest valid: 153"),
         (["--family", "wan", "--layers", "41"], "--layers must be in 1..40"),
         (["--family", "wan", "--nproc", "3", "--ulysses_degree", "3"], "does not divide num_heads=40"),
         (["--family", "wan", "--budget", "0.2"], "infeasible"),

@@ -36,11 +36,16 @@ EXPECTED = {
     "hunyuan15-i2v": ("HunyuanVideo15ImageToVideoPipeline", "FlowMatchEulerDiscreteScheduler"),
     "hunyuan15-meanflow": ("HunyuanVideo15Pipeline", "FlowMatchEulerDiscreteScheduler"),
     "hunyuan15-meanflow-i2v": ("HunyuanVideo15ImageToVideoPipeline", "FlowMatchEulerDiscreteScheduler"),
+    "ltx": ("LTXPipeline", "FlowMatchEulerDiscreteScheduler"),
+    "cogvideox": ("CogVideoXPipeline", "CogVideoXDPMScheduler"),
+    "cogvideox-i2v": ("CogVideoXImageToVideoPipeline", "CogVideoXDPMScheduler"),
 }
 # 17 frames × 64×64 pixels: VAE 4×8×8 (Wan, HunyuanVideo) or 4×16×16 (HV-1.5), 16 latent channels; Wan 2.2 TI2V:
 # 4×16×16 and 48 channels.
 LATENT = {f: (1, 16, 5, 4, 4) if f.startswith("hunyuan15") else (1, 16, 5, 8, 8) for f in FAMILIES}
 LATENT["wan-ti2v"] = (1, 48, 5, 4, 4)
+LATENT["ltx"] = (1, 3 * 2 * 2, 16)  # LTXPipeline's packed [B, S, C]: VAE 8x32x32 gives a 3x2x2 latent
+LATENT["cogvideox"] = LATENT["cogvideox-i2v"] = (1, 6, 16, 8, 8)  # [B, F, C, H, W], 5 frames padded to 6
 
 
 def load(path: Path) -> Any:
@@ -63,6 +68,10 @@ def run_pipe(pipe: Any, family: str, meta: dict[str, Any], prompt: str) -> torch
             kw.update(guidance_scale_2=3.0)
     elif family == "hunyuan":
         kw.update(true_cfg_scale=4.0, negative_prompt="blurry, static", prompt_template=meta["prompt_template"])
+    elif family == "ltx":
+        kw.update(guidance_scale=3.0, negative_prompt="blurry, static")
+    elif family.startswith("cogvideox"):  # the DPM scheduler draws noise every step: a seeded generator
+        kw.update(guidance_scale=6.0, negative_prompt="blurry, static", generator=torch.Generator().manual_seed(0))
     if family.endswith("i2v") and family != "wan-ti2v":  # TI2V's tiny checkpoint is its text-to-video pipeline
         kw.update(image=Image.new("RGB", (64, 64), (200, 40, 90)))
     return pipe(prompt=prompt, **kw).frames
@@ -95,6 +104,22 @@ def test_loads_offline_as_the_real_pipeline_and_scheduler(family: str, tiny_chec
         assert (vae.z_dim, vae.is_residual, vae.patch_size, vae.in_channels, vae.out_channels) == (48, True, 2, 12, 12)
         assert (vae.scale_factor_temporal, vae.scale_factor_spatial) == (4, 16) and len(vae.latents_std) == 48
         assert pipe.transformer.config.in_channels == pipe.transformer.config.out_channels == 48
+    if family == "ltx":  # LTX-Video's layout: patch 1, the 8x32x32 timestep-conditioned VAE, dynamic shifting
+        t, vae, sched = pipe.transformer.config, pipe.vae, pipe.scheduler.config
+        assert (t.patch_size, t.patch_size_t, t.in_channels, t.caption_channels) == (1, 1, 16, 32)
+        assert t.cross_attention_dim == t.num_attention_heads * t.attention_head_dim
+        assert (vae.spatial_compression_ratio, vae.temporal_compression_ratio) == (32, 8)
+        assert vae.config.timestep_conditioning and float(vae.latents_std.max()) > 1.0
+        assert sched.use_dynamic_shifting and sched.shift_terminal == 0.1
+    if family.startswith("cogvideox"):  # CogVideoX 1.5's layout and its released v-prediction DPM settings
+        t, sched = pipe.transformer.config, pipe.scheduler.config
+        assert (t.patch_size, t.patch_size_t, t.use_rotary_positional_embeddings, t.patch_bias) == (2, 2, True, False)
+        assert (t.in_channels, t.ofs_embed_dim) == ((32, 32) if family.endswith("i2v") else (16, None))
+        assert (sched.prediction_type, sched.timestep_spacing, sched.rescale_betas_zero_snr) == (
+            "v_prediction", "trailing", True,
+        )  # fmt: skip
+        assert sched.snr_shift_scale == 1.0 and pipe.vae.config.scaling_factor == 0.7
+        assert pipe.vae_scale_factor_spatial == 8 and pipe.vae.config.invert_scale_latents
     if family == "hunyuan":
         assert set(meta["prompt_template"]) == {"template", "crop_start"}
     if family.startswith("hunyuan15"):

@@ -7,7 +7,8 @@
                                    (sketch only) smooth; x ← (1-σ'_{i+1})·y + σ'_{i+1}·ε(next coords)
         else:                      x ← step_rule(x, v, i)
 
-CFG, the model, and how a decision reaches every rank are the caller's (``velocity``, ``decide``).
+CFG, the model, and how a decision reaches every rank are the caller's (``velocity``, ``decide``). The formulas
+above are flow matching's; a step rule that is also a :class:`NoiseProcess` (a VP scheduler's) replaces them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -26,7 +27,7 @@ from .options import DVGOptions, MeanFlowSwitchEnd, Mode, RenoiseMode, ResizeMod
 from .planner import COST_PRESETS, Candidate, CostModel, Grid, Planner, full_candidate
 from .resize import resize, stage_coords
 from .schedule import flow_sigmas, sigma_to_timestep
-from .transition import extrapolate_x0, renoise, smooth_sketch
+from .transition import extrapolate_x0, renoise, smooth_sketch, vp_flow_sigma, vp_renoise, vp_x0
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +59,95 @@ VelocityFn = Callable[[torch.Tensor, float, StageContext], torch.Tensor]
 class StepRule(Protocol):
     """A solver on one stage's schedule. ``reset`` starts a stage: the N+1 sigmas of the new schedule and
     the shift they were made with (a multistep solver rebuilds itself and drops its history, since the
-    grid changed); ``timestep(i)`` is what the model is given at call ``i``; ``step`` advances i → i+1."""
+    grid changed); ``timestep(i)`` is what the model is given at call ``i``; ``step`` advances i → i+1.
+
+    A rule that also implements :class:`NoiseProcess` (a VP scheduler: its own ᾱ schedule, the ``sigmas`` ignored)
+    defines x̂0, the re-noise and the first state; otherwise they are flow matching's on ``sigmas``."""
 
     def reset(self, sigmas: torch.Tensor, shift: float) -> None: ...
 
     def timestep(self, i: int) -> float: ...
 
     def step(self, x: torch.Tensor, v: torch.Tensor, i: int) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class NoiseProcess(Protocol):
+    """How states, model outputs and clean latents relate on one stage's schedule: what a transition needs.
+
+    ``x0(x, v, i)`` is the clean latent the output ``v`` of model call ``i`` points at; ``noised(y, ε, i)`` the
+    state of call ``i`` whose clean latent is ``y``; ``initial(ε)`` the first state; ``sigma(i)`` the flow σ with
+    call ``i``'s signal-to-noise ratio (for ``StageContext`` and the logs). A step rule that implements these owns
+    the process; for any other the sampler uses :class:`FlowProcess` on its own sigmas."""
+
+    def sigma(self, i: int) -> float: ...
+
+    def x0(self, x: torch.Tensor, v: torch.Tensor, i: int) -> torch.Tensor: ...
+
+    def noised(self, y: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor: ...
+
+    def initial(self, noise: torch.Tensor) -> torch.Tensor: ...
+
+
+class FlowProcess:
+    """Flow matching on the N+1 sigmas of a stage: ``x = (1-σ_i)·x0 + σ_i·ε``, ``x̂0 = x - σ_i·v``."""
+
+    def __init__(self, sigmas: torch.Tensor) -> None:
+        self.sigmas = sigmas
+
+    def sigma(self, i: int) -> float:
+        return float(self.sigmas[i])
+
+    def x0(self, x: torch.Tensor, v: torch.Tensor, i: int) -> torch.Tensor:
+        return extrapolate_x0(x, v, self.sigma(i))
+
+    def noised(self, y: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        return renoise(y, noise, self.sigma(i))
+
+    def initial(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise
+
+
+class VPProcess:
+    """Variance preserving on a discrete ``ᾱ`` table (a DDPM-family scheduler's ``alphas_cumprod``) and a stage's
+    integer timesteps: ``z = α_t·x0 + s_t·ε`` with ``α = √ᾱ_t``, ``s = √(1-ᾱ_t)`` at ``t = timesteps[i]``.
+
+    ``x0`` is the scheduler's own ``pred_original_sample`` arithmetic on the 0-d ``alphas_cumprod[t]`` (bit for bit
+    what its step computes), ``noised`` is ``α_t·y + s_t·ε`` at the call's timestep, ``initial`` is ``ε`` times
+    the scheduler's ``init_noise_sigma`` (as the pipelines), ``sigma`` is ``s/(α+s)``."""
+
+    def __init__(
+        self,
+        alphas_cumprod: torch.Tensor,
+        timesteps: torch.Tensor,
+        prediction: str = "v_prediction",
+        init_noise_sigma: float = 1.0,
+    ) -> None:
+        self.alphas_cumprod = alphas_cumprod
+        self.timesteps = timesteps
+        self.prediction = prediction
+        self.init_noise_sigma = init_noise_sigma
+
+    def alpha_bar(self, i: int) -> torch.Tensor:
+        """The 0-d ``ᾱ`` of call ``i``, indexed as the scheduler indexes it."""
+        return self.alphas_cumprod[self.timesteps[i]]
+
+    def sigma(self, i: int) -> float:
+        return vp_flow_sigma(float(self.alpha_bar(i)))
+
+    def x0(self, x: torch.Tensor, v: torch.Tensor, i: int) -> torch.Tensor:
+        return vp_x0(x, v, self.alpha_bar(i), self.prediction)
+
+    def noised(self, y: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        return vp_renoise(y, noise, self.alpha_bar(i))
+
+    def initial(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise * self.init_noise_sigma
+
+
+def process_of(step_rule: StepRule, sigmas: torch.Tensor) -> NoiseProcess:
+    """The process of the stage ``step_rule`` was just reset to: its own, or flow matching on ``sigmas``."""
+    return step_rule if isinstance(step_rule, NoiseProcess) else FlowProcess(sigmas)
 
 
 class EulerStep:
@@ -264,12 +347,13 @@ def sample(
     shift = config.stage_shift(0)
     sigmas = flow_sigmas(n, shift, config.sigma_max, config.sigma_min)
     step_rule.reset(sigmas, shift)
-    x = _noise(config, seed_list, channels, coords[0], 0, torch.empty(0, dtype=dtype, device=device))
+    process = process_of(step_rule, sigmas)
+    x = process.initial(_noise(config, seed_list, channels, coords[0], 0, torch.empty(0, dtype=dtype, device=device)))
     timings: dict[str, float] = {}
     t_stage = time.perf_counter()
 
     for i in range(n):
-        sigma = float(sigmas[i])
+        sigma = process.sigma(i)
         switching = stage < len(boundaries) and i == boundaries[stage]
         if i == n - 1 or (switching and opts.meanflow_switch_end == MeanFlowSwitchEnd.ZERO):
             next_timestep = 0.0
@@ -285,7 +369,7 @@ def sample(
 
         # -- stage switch after model call i (no extra call) -----------------------------------------
         t_switch = time.perf_counter()
-        x0_hat = extrapolate_x0(x, v, sigma)
+        x0_hat = process.x0(x, v, i)
         if observer is not None:
             observer(i, stage, x0_hat)
         assert planner is not None  # only staged modes have boundaries
@@ -314,15 +398,16 @@ def sample(
         shift = config.stage_shift(stage)
         sigmas = flow_sigmas(n, shift, config.sigma_max, config.sigma_min)  # whole schedule anew, same step index
         step_rule.reset(sigmas, shift)
+        process = process_of(step_rule, sigmas)
         y = resize(x0_hat, grids[stage], opts.resize)
         if stage == 1:
             y = smooth_sketch(y, opts.smooth_keep)
         eps = _noise(config, seed_list, channels, coords[stage], i + 1, y)
-        x = renoise(y, eps, float(sigmas[i + 1]))
+        x = process.noised(y, eps, i + 1)
         timings["transitions"] = timings.get("transitions", 0.0) + time.perf_counter() - t_switch
         logger.info(
             "stage %d -> %d after step %d: grid %s, shift %g, re-noised at sigma %.4f",
-            stage, stage + 1, i, grids[stage], shift, float(sigmas[i + 1]),
+            stage, stage + 1, i, grids[stage], shift, process.sigma(i + 1),
         )  # fmt: skip
 
     timings[f"stage{stage + 1}"] = time.perf_counter() - t_stage

@@ -8,14 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
+from .cogvideox import CogVideoXAdapter
 from .hunyuan import HunyuanVideoAdapter
 from .hunyuan15 import HunyuanVideo15Adapter
+from .ltx import LTXVideoAdapter
 from .wan import WanAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     **{name: WanAdapter for name in WanAdapter.pipeline_classes},
     **{name: HunyuanVideoAdapter for name in HunyuanVideoAdapter.pipeline_classes},
     **{name: HunyuanVideo15Adapter for name in HunyuanVideo15Adapter.pipeline_classes},
+    **{name: LTXVideoAdapter for name in LTXVideoAdapter.pipeline_classes},
+    **{name: CogVideoXAdapter for name in CogVideoXAdapter.pipeline_classes},
 }
 """Pipeline class name → adapter."""
 
@@ -23,6 +27,8 @@ FAMILIES: dict[str, type[Adapter]] = {
     "wan": WanAdapter,
     "hunyuanvideo": HunyuanVideoAdapter,
     "hunyuanvideo15": HunyuanVideo15Adapter,
+    "ltx": LTXVideoAdapter,
+    "cogvideox": CogVideoXAdapter,
 }
 
 
@@ -69,11 +75,13 @@ __all__ = [
     "ADAPTERS",
     "FAMILIES",
     "Adapter",
+    "CogVideoXAdapter",
     "Conditioning",
     "FamilySpec",
     "HunyuanVideo15Adapter",
     "HunyuanVideoAdapter",
     "InputError",
+    "LTXVideoAdapter",
     "SequencePlan",
     "WanAdapter",
     "adapter_class",

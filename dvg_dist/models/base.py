@@ -42,6 +42,11 @@ class SequencePlan:
     """module → arguments every rank keeps whole (text tokens of joint attention)."""
     gather_outputs: dict[str, int] = field(default_factory=dict)
     """module → sequence dim of its output, all-gathered after it runs."""
+    direct_sdpa_text: str | None = None
+    """For attention processors that call torch's ``scaled_dot_product_attention`` themselves instead of diffusers'
+    ``dispatch_attention_fn`` (CogVideoX's): where their joint sequence holds the replicated text tokens, ``"first"``
+    (``[text, video]``) or ``"last"``; the hooks then route those calls to the sequence-parallel attention. None: the
+    processors dispatch through diffusers (every other family)."""
 
 
 @dataclass

@@ -35,10 +35,17 @@ FAMILIES: tuple[str, ...] = (
     "hunyuan15-i2v",
     "hunyuan15-meanflow",
     "hunyuan15-meanflow-i2v",
+    "cogvideox",
+    "cogvideox-i2v",
+    "ltx",
 )
 """Families :func:`build_tiny_checkpoint` writes. The ``-meanflow`` ones are HV-1.5 step-distilled checkpoints:
 ``use_meanflow=True`` (the transformer takes ``timestep_r``) and a guider at scale 1 (guidance-distilled: one pass).
-``wan-ti2v`` is Wan 2.2 TI2V-5B's layout: the Wan 2.2 VAE (48 channels, 4×16×16) and per-token timesteps."""
+``wan-ti2v`` is Wan 2.2 TI2V-5B's layout: the Wan 2.2 VAE (48 channels, 4×16×16) and per-token timesteps.
+``cogvideox`` / ``cogvideox-i2v`` are CogVideoX 1.5's layout: patch 2×2×2, rotary positions, the v-prediction
+``CogVideoXDPMScheduler``; I2V concatenates the image latents on channels and embeds ``ofs``.
+``ltx`` is LTX-Video's layout (``LTXPipeline``): patch 1, the 1×32×32 / 8× VAE, the dynamic-shifting FlowMatch
+scheduler."""
 
 TINY_META_FILE = "dvg_tiny.json"
 """The per-checkpoint JSON file with what a caller must pass (``prompt_template`` for HunyuanVideo)."""
@@ -453,6 +460,140 @@ def _hunyuan15(seed: int, image: bool, meanflow: bool = False) -> tuple[Any, dic
     return HunyuanVideo15ImageToVideoPipeline(**parts), {"notes": notes + " Size comes from the image."}
 
 
+def _cogvideox(seed: int, image: bool) -> tuple[Any, dict[str, Any]]:
+    """CogVideoX 1.5 (``CogVideoXPipeline`` / ``CogVideoXImageToVideoPipeline``) at tiny sizes, with the released
+    1.5 settings where they shape the computation: ``patch_size_t=2``, rotary positions, no patch bias, the
+    ``CogVideoXDPMScheduler`` in v-prediction with trailing spacing and zero-terminal-SNR betas, VAE scaling 0.7 with
+    ``invert_scale_latents`` (the 1.5 I2V convention), and for I2V 2·16 input channels plus the ``ofs`` embedding."""
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDPMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _umt5_tokenizer()
+    t5_cfg = T5Config(vocab_size=len(tokenizer), d_model=_LLM_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    with _seeded(seed, "text_encoder"):
+        text_encoder = _eval(T5EncoderModel(t5_cfg))
+    with _seeded(seed, "transformer"):
+        transformer = _eval(
+            CogVideoXTransformer3DModel(
+                num_attention_heads=2,
+                attention_head_dim=16,  # rotary splits 16 into t/h/w = 4/6/6
+                in_channels=32 if image else 16,
+                out_channels=16,
+                time_embed_dim=32,
+                ofs_embed_dim=32 if image else None,  # added to the time embedding: the same width
+                text_embed_dim=_LLM_DIM,
+                num_layers=2,
+                sample_width=32,  # the rotary table: up to 16x16 patches = 256x256 pixels
+                sample_height=32,
+                sample_frames=81,
+                patch_size=2,
+                patch_size_t=2,
+                max_text_seq_length=226,
+                use_rotary_positional_embeddings=True,
+                patch_bias=False,
+            )
+        )
+    with _seeded(seed, "vae"):
+        vae = _eval(
+            AutoencoderKLCogVideoX(
+                block_out_channels=(8, 8, 8, 8),  # 2^3 = 8x spatial, as the released VAE
+                latent_channels=16,
+                layers_per_block=1,
+                norm_num_groups=4,
+                temporal_compression_ratio=4,
+                sample_height=480,  # the released VAE's: tiles of 240x360 px, so the tiny videos decode untiled
+                sample_width=720,
+                scaling_factor=0.7,
+                invert_scale_latents=True,
+            )
+        )
+    scheduler = CogVideoXDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=1.0,
+        steps_offset=0,
+        timestep_spacing="trailing",
+    )
+    parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    notes = (
+        "CogVideoX 1.5 layout: sizes multiples of 16 up to 256x256, 4k+1 frames (an odd latent frame count is padded "
+        "in front by one frame and dropped after denoising)."
+    )
+    if image:
+        return CogVideoXImageToVideoPipeline(**parts), {"notes": notes + " I2V: image latents on channels, ofs."}
+    return CogVideoXPipeline(**parts), {"notes": notes}
+
+
+def _ltx(seed: int) -> tuple[Any, dict[str, Any]]:
+    """LTX-Video (``LTXPipeline``) at tiny sizes with the released layout where it shapes the computation: patch 1
+    (one token per latent voxel), hidden 2 × 16 = 32 (like the released 2048, not a multiple of 6: the rotary table
+    is padded), cross-attention width = hidden, a T5 encoder; the VAE's 4-pixel patchify and three 2× space-time
+    stages (32×32 spatial, 8× temporal), timestep-conditioned as from 0.9.1, made-up per-channel statistics (so the
+    normalisation is exercised); the scheduler config LTX-Video ships (dynamic shifting, ``shift_terminal`` 0.1)."""
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _umt5_tokenizer()
+    t5_cfg = T5Config(vocab_size=len(tokenizer), d_model=_LLM_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    with _seeded(seed, "text_encoder"):
+        text_encoder = _eval(T5EncoderModel(t5_cfg))
+    with _seeded(seed, "transformer"):
+        transformer = _eval(
+            LTXVideoTransformer3DModel(
+                in_channels=16,
+                out_channels=16,
+                num_attention_heads=2,
+                attention_head_dim=16,
+                cross_attention_dim=32,
+                num_layers=2,
+                caption_channels=_LLM_DIM,
+            )
+        )
+    with _seeded(seed, "vae"):
+        vae = _eval(
+            AutoencoderKLLTXVideo(
+                latent_channels=16,
+                block_out_channels=(8, 8, 8, 8),
+                decoder_block_out_channels=(8, 8, 8, 8),
+                layers_per_block=(1, 1, 1, 1, 1),
+                decoder_layers_per_block=(1, 1, 1, 1, 1),
+                timestep_conditioning=True,
+            )
+        )
+        vae.latents_mean.copy_(torch.tensor([0.1 * (i % 7 - 3) for i in range(16)]))
+        vae.latents_std.copy_(torch.tensor([1.0 + 0.05 * (i % 5) for i in range(16)]))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    pipe = LTXPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    notes = "LTX-Video layout: sizes multiples of 32, 8k+1 frames; the pipeline takes packed [B, S, C] latents."
+    return pipe, {"notes": notes}
+
+
 _BUILDERS: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "wan": lambda s: _wan(s, "wan"),
     "wan-moe": lambda s: _wan(s, "wan-moe"),
@@ -463,6 +604,9 @@ _BUILDERS: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "hunyuan15-i2v": lambda s: _hunyuan15(s, image=True),
     "hunyuan15-meanflow": lambda s: _hunyuan15(s, image=False, meanflow=True),
     "hunyuan15-meanflow-i2v": lambda s: _hunyuan15(s, image=True, meanflow=True),
+    "cogvideox": lambda s: _cogvideox(s, image=False),
+    "cogvideox-i2v": lambda s: _cogvideox(s, image=True),
+    "ltx": _ltx,
 }
 
 

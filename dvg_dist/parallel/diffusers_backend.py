@@ -21,6 +21,12 @@ from the mask's text columns, and video keys are never masked in these families.
 With an external backend configured (``parallel.attention_backend``, :mod:`dvg_dist.parallel.backends`), each call
 goes to it when it can do that call exactly and to :func:`usp_attention` otherwise; ``SequenceParallelState.served``
 counts which one served each call.
+
+Per-stage layouts (``parallel.stage_layouts``, :mod:`dvg_dist.parallel.layouts`): the hooks and the backend read the
+groups from the state at every call, so :meth:`SequenceParallelState.use` switches a parallelized transformer to
+another layout's groups between two forwards without re-registering anything. A layout whose sp group is one rank
+(pure CFG-parallel or data-parallel) then runs each attention call locally through diffusers' native backend,
+exactly as the unparallelized model would.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from dvg_dist.parallel.attention import usp_attention
-from dvg_dist.parallel.backends import NATIVE, CallShape, ExternalAttention, log_fallback
+from dvg_dist.parallel.backends import NATIVE, CallShape, ExternalAttention, log_fallback, make_attention
 from dvg_dist.parallel.mesh import Axis, ParallelGroups
 from dvg_dist.parallel.shard import ShardPlan
 
@@ -60,6 +66,20 @@ class SequenceParallelState:
     """Calls served per backend name (``native`` includes the external backend's fallbacks)."""
     fallbacks: Counter[str] = field(default_factory=Counter)
     """Calls the external backend handed to native, per reason."""
+    _bound: dict[int, tuple[ParallelGroups, ExternalAttention | None]] = field(default_factory=dict, repr=False)
+    """Groups seen by :meth:`use` (by ``id``, the groups kept alive here) and the external backend bound to each."""
+
+    def use(self, groups: ParallelGroups, attention_backend: str = NATIVE) -> None:
+        """Run the next forwards on ``groups`` (another layout of the same world), with ``attention_backend`` bound
+        to them (built once per groups). Between forwards only: a forward in flight keeps the groups it started
+        with. Every rank of the world must switch to the same layout before the same forward."""
+        if groups is self.groups:
+            return
+        self._bound.setdefault(id(self.groups), (self.groups, self.attention))
+        if id(groups) not in self._bound:
+            attention = None if groups.layout.sp_degree == 1 else make_attention(attention_backend, groups)
+            self._bound[id(groups)] = (groups, attention)
+        self.groups, self.attention = self._bound[id(groups)]
 
     @property
     def calls(self) -> int:
@@ -124,6 +144,10 @@ def _usp_backend(
     state = _parallel_config
     if not isinstance(state, SequenceParallelState):
         # A call without our state (Wan cross-attention passes parallel_config=None): plain local attention.
+        return _native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if state.sp_size == 1:
+        # A one-rank sp group (a CFG- or data-parallel stage layout, SequenceParallelState.use): this rank holds the
+        # whole sequence, so the call is the unparallelized model's own, bit for bit.
         return _native(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if dropout_p or is_causal or enable_gqa:
         raise ValueError("sequence-parallel attention supports neither dropout, causal masks nor GQA")
@@ -206,6 +230,9 @@ def usp_backend() -> Any:
         member = str.__new__(AttentionBackendName, BACKEND_VALUE)
         member._name_ = BACKEND_VALUE.upper()
         member._value_ = BACKEND_VALUE
-        _AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=False)(_usp_backend)
+        # Excluded from torch.compile's tracing (--compile): its collectives run eagerly between compiled regions,
+        # and its per-call bookkeeping (state.served, the token count) never becomes a guard that recompiles.
+        eager = torch.compiler.disable(_usp_backend, recursive=True)
+        _AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=False)(eager)
         _BACKEND = member
     return _BACKEND

@@ -8,7 +8,13 @@
 - for every ``gather_outputs`` entry: a forward hook all-gathering the output (uneven shards: pad, equal-size
   all_gather, trim — :func:`dvg_dist.parallel.gather`), so every rank unpatchifies the whole output;
 - on the sequence self-attention processors only, the ``dvg_usp`` attention backend
-  (:mod:`dvg_dist.parallel.diffusers_backend`), the only collective-aware code inside the model.
+  (:mod:`dvg_dist.parallel.diffusers_backend`), the only collective-aware code inside the model;
+- with ``plan.direct_sdpa_text`` (processors that call torch's ``scaled_dot_product_attention`` themselves, not
+  diffusers' dispatch: CogVideoX), a pre-/post-hook pair on each such self-attention module that, for the duration of
+  its forward only, routes that one torch function to the same backend (:class:`_SequenceParallelSdpa`).
+
+A declared input may also be a tuple or list of tensors (CogVideoX's rotary ``(cos, sin)`` kwarg): each element is
+split the same way.
 
 The token count of a forward is the size, along its dim, of the first tensor split in that forward (the rotary
 tables in every family we drive); later declared inputs of a different size on that dim do not carry the sequence
@@ -31,10 +37,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from dvg_dist.parallel.backends import NATIVE, make_attention
-from dvg_dist.parallel.diffusers_backend import SequenceParallelState, usp_backend
+from dvg_dist.parallel.diffusers_backend import SequenceParallelState, _usp_backend, usp_backend
 from dvg_dist.parallel.mesh import ParallelGroups
 from dvg_dist.parallel.shard import gather, split
 
@@ -59,7 +66,10 @@ class _Applied:
 
 
 def _split_if_sequence(state: SequenceParallelState, x: Any, dim: int) -> Any:
-    """This rank's shard of ``x`` if it carries the current forward's sequence on ``dim``; else ``x`` unchanged."""
+    """This rank's shard of ``x`` if it carries the current forward's sequence on ``dim``; else ``x`` unchanged. A
+    tuple or list (rotary ``(cos, sin)`` passed as one argument) has each of its tensors split the same way."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_split_if_sequence(state, e, dim) for e in x)
     if not isinstance(x, torch.Tensor):
         return x
     n = x.shape[dim]
@@ -137,6 +147,82 @@ def self_attention_modules(transformer: torch.nn.Module) -> Iterator[tuple[str, 
             yield f"{name}.{sub}", module
 
 
+def direct_sdpa_modules(transformer: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """The block stacks' self-attention modules whose processor calls torch's ``scaled_dot_product_attention``
+    itself: a processor without diffusers' ``_attention_backend`` slot (CogVideoX's ``CogVideoXAttnProcessor2_0``),
+    minus cross-attention. Only a plan with ``direct_sdpa_text`` says such processors are joint self-attention."""
+    for name, child in transformer.named_children():
+        if not isinstance(child, torch.nn.ModuleList):
+            continue
+        for sub, module in child.named_modules():
+            processor = getattr(module, "processor", None)
+            if processor is None or hasattr(processor, "_attention_backend"):
+                continue
+            if getattr(module, "is_cross_attention", False):
+                continue
+            yield f"{name}.{sub}", module
+
+
+class _SequenceParallelSdpa(TorchFunctionMode):
+    """Active only inside one direct-SDPA attention module's forward: its ``scaled_dot_product_attention`` call (torch
+    layout ``[B, H, S, D]``, the replicated text first or last, then this rank's video shard) goes to the same
+    sequence-parallel backend the dispatching processors use (:func:`_usp_backend`, ``[B, S, H, D]``, text last);
+    every other torch call passes through untouched, so the processor's own projections, norms and rotary run as
+    written."""
+
+    def __init__(self, state: SequenceParallelState, text_first: bool) -> None:
+        super().__init__()
+        self.state = state
+        self.text_first = text_first
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return self._attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        s_local = self.state.current().length
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        num_text = q.shape[1] - s_local
+        reorder = self.text_first and num_text > 0  # otherwise the backend refuses the shapes itself
+        if reorder:
+            if attn_mask is not None:
+                raise ValueError("sequence-parallel attention: a mask with the text tokens first is not supported")
+            q, k, v = (torch.cat([t[:, num_text:], t[:, :num_text]], dim=1) for t in (q, k, v))
+        out = _usp_backend(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config=self.state)
+        if reorder:
+            out = torch.cat([out[:, s_local:], out[:, :s_local]], dim=1)
+        return out.transpose(1, 2).to(query.dtype)
+
+
+def _sdpa_redirect(state: SequenceParallelState, text_first: bool) -> tuple[Any, Any]:
+    """The (pre-hook, always-called post-hook) pair that keeps :class:`_SequenceParallelSdpa` on for exactly one
+    forward of a module; the post-hook also runs when the forward raises, so the mode never outlives it."""
+    active: list[_SequenceParallelSdpa] = []
+
+    def enter(_: torch.nn.Module, __: Any) -> None:
+        mode = _SequenceParallelSdpa(state, text_first)
+        mode.__enter__()
+        active.append(mode)
+
+    def leave(_: torch.nn.Module, __: Any, ___: Any) -> None:
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    return enter, leave
+
+
 def parallelize_transformer(
     transformer: torch.nn.Module, plan: SequencePlan, groups: ParallelGroups, attention_backend: str = NATIVE
 ) -> None:
@@ -157,7 +243,10 @@ def parallelize_transformer(
         unparallelize_transformer(transformer)
     if groups.layout.sp_degree == 1:
         return
-    heads = {getattr(m, "heads", None) for _, m in self_attention_modules(transformer)} - {None}
+    modules = list(self_attention_modules(transformer))
+    if plan.direct_sdpa_text is not None:
+        modules += list(direct_sdpa_modules(transformer))
+    heads = {getattr(m, "heads", None) for _, m in modules} - {None}
     for h in heads:
         if isinstance(h, int) and h % groups.layout.ulysses_degree:
             raise ValueError(f"ulysses_degree={groups.layout.ulysses_degree} does not divide num_heads={h}")
@@ -197,6 +286,21 @@ def _apply(transformer: torch.nn.Module, plan: SequencePlan, applied: _Applied) 
             handles.append(module.register_forward_hook(_output_splitter(state, path, outputs)))
     for path, dim in plan.gather_outputs.items():
         handles.append(_module(transformer, path).register_forward_hook(_gatherer(state, path, dim)))
+    if plan.direct_sdpa_text is not None:
+        if plan.direct_sdpa_text not in ("first", "last"):
+            raise ValueError(
+                f"sequence plan: direct_sdpa_text must be 'first' or 'last', got {plan.direct_sdpa_text!r}"
+            )
+        direct = list(direct_sdpa_modules(transformer))
+        if not direct:
+            raise ValueError(
+                f"sequence plan: direct_sdpa_text is set but {type(transformer).__name__} has no attention processor "
+                "calling torch's scaled_dot_product_attention itself"
+            )
+        for _, module in direct:
+            enter, leave = _sdpa_redirect(state, plan.direct_sdpa_text == "first")
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave, always_call=True))
     backend = usp_backend()
     for _, module in self_attention_modules(transformer):
         proc: Any = module.processor

@@ -37,6 +37,7 @@ import torch
 from ..config import ATTENTION_BACKENDS, DTYPES, ConfigError, load_config
 from ..dvg.planner import Grid, InfeasibleBudget, Planner
 from ..models import FAMILIES, FamilySpec, InputError, SequencePlan
+from ..models.ltx import LTXVideoAdapter, ltx_vae_scale, mark_cross_attention, pack, unpack
 from ..models.wan import WAN_TI2V_SEQUENCE_PLAN, check_ti2v_shards
 from ..parallel import shard_sizes
 from .cli import OneLineParser, _flag
@@ -148,6 +149,36 @@ REAL_ARCHS: dict[str, RealArch] = {
         depth=(("num_layers", 1),),
         source="HunyuanVideo-1.5 480p I2V step-distilled (8.3B, MeanFlow: timestep_r; guidance 1, one pass per step)",
     ),
+    "ltx": RealArch(
+        family="ltx",
+        model_class="LTXVideoTransformer3DModel",
+        config={
+            "in_channels": 128, "out_channels": 128, "patch_size": 1, "patch_size_t": 1, "num_attention_heads": 32,
+            "attention_head_dim": 64, "cross_attention_dim": 2048, "num_layers": 28,
+            "activation_fn": "gelu-approximate", "qk_norm": "rms_norm_across_heads", "norm_elementwise_affine": False,
+            "norm_eps": 1e-6, "caption_channels": 4096, "attention_bias": True, "attention_out_bias": True,
+        },
+        vae={"latent_channels": 128, "patch_size": 4, "patch_size_t": 1,
+             "spatio_temporal_scaling": [True, True, True, False]},
+        run_config="ltx-video.yaml",
+        depth=(("num_layers", 1),),
+        source="Lightricks/LTX-Video (2B, 0.9.x: 28 blocks, hidden 2048, patch 1; VAE 8x32x32, 128 channels)",
+    ),
+    "cogvideox": RealArch(
+        family="cogvideox",
+        model_class="CogVideoXTransformer3DModel",
+        config={
+            "num_attention_heads": 48, "attention_head_dim": 64, "in_channels": 16, "out_channels": 16,
+            "time_embed_dim": 512, "ofs_embed_dim": None, "text_embed_dim": 4096, "num_layers": 42,
+            "attention_bias": True, "sample_width": 300, "sample_height": 300, "sample_frames": 81, "patch_size": 2,
+            "patch_size_t": 2, "temporal_compression_ratio": 4, "max_text_seq_length": 226,
+            "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False, "patch_bias": False,
+        },
+        vae={"latent_channels": 16, "temporal_compression_ratio": 4, "block_out_channels": [128, 256, 256, 512]},
+        run_config="cogvideox1.5-t2v-5b.yaml",
+        depth=(("num_layers", 1),),
+        source="THUDM/CogVideoX1.5-5B (42 blocks, hidden 48x64, patch 2x2x2, joint attention over 226 T5 tokens)",
+    ),
 }
 # fmt: on
 
@@ -155,11 +186,13 @@ TEXT_TOKENS = {
     "wan": (512,),
     "wan-ti2v": (512,),
     "hunyuan": (256,),
+    "cogvideox": (226,),
     "hunyuan15": (1000, 256, 729),
     "hunyuan15-distill": (1000, 256, 729),
+    "ltx": (128,),
 }
 """Text tokens per forward of each stream at real size: umT5 (Wan); Llama after the template crop (HunyuanVideo);
-Qwen2.5-VL, ByT5 and SigLIP image tokens (HV-1.5)."""
+Qwen2.5-VL, ByT5 and SigLIP image tokens (HV-1.5); T5 padded to 128 (LTX-Video)."""
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
@@ -253,6 +286,34 @@ def make_inputs(
         tokens = grid.tokens(tuple(config.patch_size))
         kwargs.update(
             timestep=torch.full((1, tokens), 500.0, device=device), encoder_hidden_states=randn(1, lengths[0], 4096)
+        )
+    elif name == "ltx":  # LTXPipeline: packed tokens, float32 timestep, T5 states + mask, the latent sizes, rope scale
+        temporal, spatial = ltx_vae_scale(REAL_ARCHS[name].vae)
+        kwargs.update(
+            hidden_states=pack(kwargs["hidden_states"]),
+            timestep=torch.tensor([500.0], device=device),
+            encoder_hidden_states=randn(1, lengths[0], config.caption_channels),
+            encoder_attention_mask=mask(lengths[0], min(PROMPT_TOKENS, lengths[0])).bool(),
+            num_frames=grid.t,
+            height=grid.h,
+            width=grid.w,
+            rope_interpolation_scale=(temporal / LTXVideoAdapter.fps, spatial, spatial),
+        )
+    elif name == "cogvideox":  # CogVideoXPipeline: [B, F, C, H, W] (odd frames padded in front), int64 t, rotary
+        from types import SimpleNamespace
+
+        from diffusers import CogVideoXPipeline
+
+        x = kwargs["hidden_states"]
+        x = torch.cat([x[:, :, :1].expand(-1, -1, -grid.t % config.patch_size_t, -1, -1), x], dim=2)
+        owner = SimpleNamespace(vae_scale_factor_spatial=8, transformer=SimpleNamespace(config=config))
+        rope = CogVideoXPipeline._prepare_rotary_positional_embeddings  # the pipeline's own, on a stand-in self
+        rotary = rope(owner, grid.h * 8, grid.w * 8, x.shape[2], device)
+        kwargs.update(
+            hidden_states=x.permute(0, 2, 1, 3, 4),
+            timestep=torch.tensor([500], device=device),
+            encoder_hidden_states=randn(1, lengths[0], config.text_embed_dim),
+            image_rotary_emb=rotary,
         )
     elif name == "hunyuan":  # embedded guidance 6.0 × 1000, Llama states + mask, CLIP pooled
         kwargs.update(
@@ -366,6 +427,8 @@ def run_rank(check: Check, rank: int = 0, world: int = 1, local_rank: int = 0) -
     build_s = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     after_build = memory.current()
+    if check.arch.family == "ltx":
+        mark_cross_attention(model)  # what the adapter does: its cross-attention stays local under the hooks
     if groups is not None:
         from ..parallel import parallelize_transformer
 
@@ -387,6 +450,10 @@ def run_rank(check: Check, rank: int = 0, world: int = 1, local_rank: int = 0) -
                 _sync(device)
                 if i:
                     times.append(time.perf_counter() - t)
+        if check.arch.family == "ltx":
+            out = unpack(out, grid)  # LTX returns the packed [B, S, C] velocity
+        if check.arch.family == "cogvideox":  # back to [B, C, T, H, W], the padding frame dropped
+            out = out.permute(0, 2, 1, 3, 4)[:, :, out.shape[1] - grid.t :]
         if tuple(out.shape[2:]) != (grid.t, grid.h, grid.w) or not bool(torch.isfinite(out).all()):
             raise RuntimeError(f"stage {k + 1} grid {grid}: output {tuple(out.shape)} is not a finite full latent")
         tokens = grid.tokens(check.spec.patch)
@@ -450,7 +517,7 @@ def _report(check: Check, model: Any, ranks: list[dict[str, Any]], memory_kind: 
     dvg_s = sum(s["calls"] * s["ms_per_step"] / 1000 for s in stages)
     c = check.chosen
     hidden = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
-    ffn = int(cfg.ffn_dim) if "ffn_dim" in cfg else int(float(cfg.mlp_ratio) * hidden)
+    ffn = int(cfg.ffn_dim) if "ffn_dim" in cfg else int(float(cfg.get("mlp_ratio", 4.0)) * hidden)  # LTX: FFN 4x
     return {
         "command": "python launch/check_gpu.py " + " ".join(check.argv),
         "family": check.name,
@@ -561,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         choices=sorted(REAL_ARCHS),
         help="wan (2.1 14B), wan-ti2v (2.2 TI2V 5B), hunyuan (13B), hunyuan15 (8.3B), hunyuan15-distill (8.3B MeanFlow "
-        "I2V)",
+        "I2V), ltx (LTX-Video 2B), cogvideox (CogVideoX1.5 5B)",
     )
     _flag(p, "--nproc", type=int, default=1, help="ranks to spawn (one GPU each on CUDA)")
     _flag(p, "--layers", type=int, help="depth (default: the released one; HunyuanVideo: L dual + 2L single)")

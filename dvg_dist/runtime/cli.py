@@ -76,6 +76,8 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--use_cfg_parallel", "--cfg_parallel", action="store_true", default=None,
           help="cond and uncond passes on the two halves of the world")  # fmt: skip
     _flag(parser, "--backend", choices=["auto", "nccl", "gloo"], help="process-group backend (default auto)")
+    _flag(parser, "--stage_layouts", metavar="L[,L,L,L]",
+          help="per-stage layouts: auto, fixed or a spec (u4, cfg2xu2, dp2xu2); one, or one per stage")  # fmt: skip
     _flag(
         parser,
         "--attention_backend",
@@ -146,6 +148,15 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     _flag(
         parser, "--fuse_lora", action="store_true", default=None, help="fuse the LoRAs into the weights after loading"
     )
+    _flag(
+        parser,
+        "--compile",
+        "--use_torch_compile",
+        nargs="?",
+        const="blocks",
+        choices=("none", "blocks", "full"),
+        help="torch.compile the transformer: blocks (default; regional) or full; dynamic sequence length",
+    )
     _flag(parser, "--timeout", type=float, help="process-group timeout in seconds (default 600)")
     _flag(parser, "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable")
 
@@ -168,6 +179,7 @@ FLAG_FIELDS: dict[str, str] = {
     "ring_degree": "parallel.ring_degree",
     "use_cfg_parallel": "parallel.cfg_parallel",
     "backend": "parallel.backend",
+    "stage_layouts": "parallel.stage_layouts",
     "timeout": "parallel.timeout_s",
     "attention_backend": "parallel.attention_backend",
     "shard_weights": "parallel.shard_weights",
@@ -178,6 +190,7 @@ FLAG_FIELDS: dict[str, str] = {
     "lora": "model.loras",
     "lora_2": "model.loras_2",
     "fuse_lora": "model.fuse_lora",
+    "compile": "model.compile",
 }
 """Flag (its argparse dest) → the config field it sets; the rest have their own handling below or go by ``--set``."""
 

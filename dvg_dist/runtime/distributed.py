@@ -1,5 +1,6 @@
 """The engine's distributed context: process group from the launcher's environment, the validated layout,
-rank 0's decision broadcast, and the CFG-parallel exchange. Tensors go through torch.distributed only.
+rank 0's decision broadcast, the CFG-parallel exchange, and per-stage layouts (``parallel.stage_layouts``:
+:class:`StageLayouts`, :mod:`dvg_dist.parallel.layouts`). Tensors go through torch.distributed only.
 """
 
 from __future__ import annotations
@@ -7,17 +8,36 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..dvg.sampler import DecideFn, Decision
+from ..dvg.planner import COST_PRESETS, Grid
+from ..dvg.sampler import DecideFn, Decision, StageContext
 from ..models import Conditioning, InputError, adapter_class, resolve_model_path
-from ..parallel import Axis, ParallelGroups, ParallelLayout, build_groups, default_backend
-from ..parallel.backends import BackendUnavailableError, check_backend_available
+from ..parallel import Axis, ParallelGroups, ParallelLayout, build_groups, default_backend, gather
+from ..parallel.backends import NATIVE, BackendUnavailableError, check_backend_available
+from ..parallel.layouts import (
+    AUTO,
+    FIXED,
+    ArchModel,
+    Entry,
+    Estimate,
+    LayoutSpec,
+    LinkModel,
+    auto_candidates,
+    build_layout_groups,
+    check_spec,
+    choose,
+    estimate,
+    measure_link,
+    parse_entry,
+)
+from ..parallel.mesh import GroupCache
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +87,36 @@ def resolve_layout(config: Config, world_size: int, num_heads: int, guidance_on:
     return layout
 
 
+def resolve_stage_layouts(
+    config: Config, world_size: int, num_heads: int, guidance_on: bool, batch: int | None = None
+) -> tuple[Entry, ...] | None:
+    """``parallel.stage_layouts`` parsed and checked against this world (one-line errors, before weights): every
+    forced spec's degrees multiply to ``world_size``, its Ulysses degree divides the heads, CFG-parallel has
+    guidance, DP has ``batch`` prompts (None: not known yet); no weight sharding (FSDP2 shards over one fixed sp
+    group); the attention backend's extra installed. None when the field is unset."""
+    p = config.parallel
+    if p.stage_layouts is None:
+        return None
+    entries = tuple(parse_entry(e) for e in p.stage_layouts)
+    for k, entry in enumerate(entries):
+        if isinstance(entry, LayoutSpec):
+            try:
+                check_spec(entry, world_size, num_heads, guidance_on, batch, where=f"parallel.stage_layouts[{k}]")
+            except ValueError as e:
+                raise InputError(str(e)) from None
+    if p.shard_weights and any(e != FIXED for e in entries):
+        raise InputError(
+            "parallel.stage_layouts other than 'fixed' cannot be combined with --shard_weights: FSDP2 shards the "
+            "weights over one fixed sp group"
+        )
+    if world_size > 1:
+        try:
+            check_backend_available(p.attention_backend)
+        except BackendUnavailableError as e:
+            raise InputError(str(e)) from None
+    return entries
+
+
 def guidance_on(config: Config) -> bool:
     """Whether the run has an unconditional pass (what CFG-parallel splits)."""
     s = config.sampling
@@ -89,6 +139,9 @@ def validate_layout(config: Config, world_size: int) -> None:
     layout = None
     if world_size > 1 or config.parallel.ulysses_degree or config.parallel.ring_degree or config.parallel.cfg_parallel:
         layout = resolve_layout(config, world_size, num_heads(config), guidance_on(config))
+    if config.parallel.stage_layouts is not None:
+        # The executors (generate.py, the Python API, Ray, serve) run one prompt per batch.
+        resolve_stage_layouts(config, world_size, num_heads(config), guidance_on(config), batch=1)
     check_options(config, layout)
 
 
@@ -109,6 +162,20 @@ class ParallelContext:
     """What the engine needs to run on several processes."""
 
     groups: ParallelGroups
+    """The fixed layout's groups (``parallel.ulysses_degree`` / ``ring_degree`` / ``cfg_parallel``)."""
+    stage_entries: tuple[Entry, ...] | None = None
+    """``parallel.stage_layouts`` parsed (:meth:`setup_stage_layouts`); None: every stage on the fixed layout."""
+    layout_groups: dict[LayoutSpec, ParallelGroups] = field(default_factory=dict)
+    """The groups of every layout a stage may use, built once at start-up."""
+    num_heads: int = 0
+    link: LinkModel | None = None
+    """The cost model's link and FLOP rate (measured once, rank 0's numbers on every rank)."""
+    arch: ArchModel | None = None
+    transformers: list[Any] = field(default_factory=list)
+    """Every transformer whose sequence-parallel state follows the stage's layout (:meth:`attach`)."""
+    attention_backend: str = NATIVE
+    group_cache: GroupCache = field(default_factory=dict)
+    """Stage layouts' process groups by rank list (a later :meth:`setup_stage_layouts` reuses them)."""
 
     @property
     def layout(self) -> ParallelLayout:
@@ -148,12 +215,116 @@ class ParallelContext:
         assert received is not None
         return received
 
-    def exchange_cfg(self, v_mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CFG-parallel: this half computed one branch; one all-gather over the cfg pair gives both,
-        ``(v_cond, v_uncond)``, identical on both halves. Equal shapes, so a plain all_gather is safe."""
+    def exchange_cfg(
+        self, v_mine: torch.Tensor, groups: ParallelGroups | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CFG-parallel: this half computed one branch; one all-gather over the cfg pair (of ``groups``, default the
+        fixed layout's) gives both, ``(v_cond, v_uncond)``, identical on both halves. Equal shapes, so a plain
+        all_gather is safe."""
         parts = [torch.empty_like(v_mine) for _ in range(2)]
-        dist.all_gather(parts, v_mine.contiguous(), group=self.groups.cfg)
+        dist.all_gather(parts, v_mine.contiguous(), group=(groups or self.groups).cfg)
         return parts[0], parts[1]
+
+    # -- per-stage layouts ---------------------------------------------------------------------------
+
+    def setup_stage_layouts(
+        self, config: Config, num_heads: int, guidance_on: bool, backend: str | None = None
+    ) -> None:
+        """Parse ``parallel.stage_layouts`` and build the groups of every layout a stage may use: the forced specs
+        and, for ``auto``, one layout per (dp, cfg) pair the world allows (:func:`auto_candidates`). Collective over
+        the world (every rank creates every group in one order); a no-op without the field. Called again (another
+        config on the same context), it builds only the layouts not built yet."""
+        world = self.layout.world_size
+        self.stage_entries = resolve_stage_layouts(config, world, num_heads, guidance_on)
+        if self.stage_entries is None:
+            return
+        self.num_heads = num_heads
+        base = LayoutSpec.of(self.layout)
+        specs = {e for e in self.stage_entries if isinstance(e, LayoutSpec)}
+        if AUTO in self.stage_entries:
+            specs |= set(auto_candidates(world, num_heads, guidance_on))
+        specs -= {base, *self.layout_groups}
+        built = build_layout_groups(specs, num_heads, backend, self.group_cache)
+        self.layout_groups = {base: self.groups, **self.layout_groups, **built}
+        if self.is_main:
+            names = ", ".join(spec.name for spec in sorted(self.layout_groups))
+            logger.info("stage layouts %s; groups built for %s", ", ".join(map(str, self.stage_entries)), names)
+
+    def attach(self, adapter: Any, config: Config) -> None:
+        """Bind per-stage layouts to an engine's adapter (after the fixed layout's sequence-parallel hooks): the
+        transformers whose state switches per stage, the cost model's arch from the checkpoint's config, hooks on a
+        transformer the fixed layout left local (one sp rank) when a stage shards, and, with an ``auto`` entry, the
+        link calibration (collective, once per context). A no-op without ``parallel.stage_layouts``."""
+        self.transformers = adapter.transformers()
+        self.attention_backend = config.parallel.attention_backend
+        if self.stage_entries is None:
+            self.use_groups(self.groups)  # a pipeline an earlier stage-layout engine left on another layout
+            return
+        from ..parallel import parallelize_transformer
+
+        tc = dict(adapter.pipe.transformer.config)
+        name = config.model.cost_model
+        cost = type(adapter).cost_model_from_config(tc) if name == "auto" else COST_PRESETS[name]
+        dtype = adapter.transformer_dtype
+        self.arch = ArchModel.from_config(tc, cost, torch.empty((), dtype=dtype).element_size())
+        if self.layout.sp_degree == 1:
+            sharded = [g for spec, g in sorted(self.layout_groups.items()) if spec.sp > 1]
+            for module in self.transformers if sharded else []:
+                parallelize_transformer(module, adapter.sequence_plan, sharded[0], self.attention_backend)
+        if AUTO in self.stage_entries and self.link is None:
+            p = config.parallel
+            given = (p.link_latency_us, p.link_bandwidth_gbs, p.compute_tflops)
+            if None in given:
+                measured = measure_link(adapter.device, dtype)
+                self.link = LinkModel(
+                    measured.latency_s if p.link_latency_us is None else p.link_latency_us * 1e-6,
+                    measured.bandwidth if p.link_bandwidth_gbs is None else p.link_bandwidth_gbs * 1e9,
+                    measured.flops if p.compute_tflops is None else p.compute_tflops * 1e12,
+                    "measured",
+                )
+            else:
+                assert p.link_latency_us and p.link_bandwidth_gbs and p.compute_tflops
+                self.link = LinkModel(p.link_latency_us * 1e-6, p.link_bandwidth_gbs * 1e9, p.compute_tflops * 1e12)
+            if self.is_main:
+                link = self.link
+                logger.info(
+                    "stage layout cost model (%s): %.1f us per collective, %.2f GB/s, %.3g TFLOP/s per rank",
+                    link.source, link.latency_s * 1e6, link.bandwidth / 1e9, link.flops / 1e12,
+                )  # fmt: skip
+
+    def use_groups(self, groups: ParallelGroups) -> None:
+        """Point every attached transformer's sequence-parallel state at ``groups`` for the next forwards (between
+        forwards only, the same layout on every rank; :meth:`SequenceParallelState.use`)."""
+        from ..parallel import sequence_parallel_state
+
+        for module in self.transformers:
+            state = sequence_parallel_state(module)
+            if state is not None:
+                state.use(groups, self.attention_backend)
+
+    def stage_plan(self, full_mode: bool, batch: int, conditioning: Conditioning) -> StageLayouts | None:
+        """The per-stage layouts of one ``Engine.generate`` call (None without ``parallel.stage_layouts``). Refuses,
+        before the first model call, a forced DP layout this batch cannot take."""
+        if self.stage_entries is None:
+            self.use_groups(self.groups)
+            return None
+        dp_ok = batch > 1 and all(
+            _batch_sliceable(kw, batch) for kw in (conditioning.cond, conditioning.uncond) if kw is not None
+        )
+        for k, entry in enumerate(self.stage_entries):
+            if isinstance(entry, LayoutSpec) and entry.dp > 1:
+                try:
+                    check_spec(
+                        entry, self.layout.world_size, self.num_heads, True, batch, f"parallel.stage_layouts[{k}]"
+                    )
+                except ValueError as e:
+                    raise InputError(str(e)) from None
+                if not dp_ok:
+                    raise InputError(
+                        f"parallel.stage_layouts[{k}] = {entry.name}: this family's conditioning is not batched "
+                        "along dim 0 (e.g. both CFG branches stacked in one batch), so it cannot be sliced"
+                    )
+        return StageLayouts(self, self.stage_entries, 1 if full_mode else 4, batch, conditioning, dp_ok)
 
 
 def init_distributed(config: Config, num_heads: int, guidance_on: bool) -> ParallelContext | None:
@@ -176,4 +347,154 @@ def init_distributed(config: Config, num_heads: int, guidance_on: bool) -> Paral
             "%d ranks: cfg %d × ring %d × ulysses %d on %s", world, layout.cfg_degree, layout.ring_degree,
             layout.ulysses_degree, backend,
         )  # fmt: skip
-    return ParallelContext(groups)
+    context = ParallelContext(groups)
+    context.setup_stage_layouts(config, num_heads, guidance_on, backend)
+    return context
+
+
+def _batch_sliceable(kwargs: dict[str, Any], batch: int) -> bool:
+    """Whether every tensor of ``kwargs`` is either per sample (``shape[0] == batch``) or shared (``shape[0] == 1``,
+    or a scalar): what a DP layout's batch slice needs."""
+    return all(v.dim() == 0 or v.shape[0] in (1, batch) for v in kwargs.values() if torch.is_tensor(v))
+
+
+def _batch_slice(value: Any, batch: int, part: slice) -> Any:
+    """``value[part]`` for a per-sample tensor (``shape[0] == batch``); anything else unchanged."""
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+        return value[part]
+    return value
+
+
+class StageLayouts:
+    """The layout of each stage of one ``Engine.generate`` call, and the guided velocity under it.
+
+    A stage's layout is decided at its first model call, from its grid (known only after the sketch decision),
+    identically on every rank: a forced entry as given; ``auto`` the cheapest candidate by the cost model
+    (:func:`~dvg_dist.parallel.layouts.choose`, rank 0's link numbers). Rank 0 logs one line per stage; the choice and
+    every candidate's estimate go to the sidecar (:meth:`records`).
+    """
+
+    def __init__(
+        self,
+        par: ParallelContext,
+        entries: tuple[Entry, ...],
+        num_stages: int,
+        batch: int,
+        conditioning: Conditioning,
+        dp_ok: bool,
+    ) -> None:
+        self.par = par
+        self.entries = entries
+        self.num_stages = num_stages
+        self.batch = batch
+        self.branches = 1 if conditioning.uncond is None else 2
+        self.dp_ok = dp_ok
+        self._chosen: dict[tuple[int, Grid], LayoutSpec] = {}
+        self._records: dict[int, dict[str, Any]] = {}
+
+    def entry(self, stage: int) -> Entry:
+        """This stage's config entry: the only one, or one of four (``full`` mode's one stage takes the last)."""
+        if len(self.entries) == 1:
+            return self.entries[0]
+        return self.entries[3 if self.num_stages == 1 else stage]
+
+    def candidates(self) -> list[LayoutSpec]:
+        """What ``auto`` may pick for this call: the fixed layout first (it wins ties), then one per (dp, cfg)."""
+        par = self.par
+        base = LayoutSpec.of(par.layout)
+        found = auto_candidates(par.layout.world_size, par.num_heads, self.branches == 2, self.batch)
+        found = [s for s in found if (s.dp == 1 or self.dp_ok) and s in par.layout_groups]
+        return [base] + [s for s in found if s != base]
+
+    def select(self, ctx: StageContext) -> LayoutSpec:
+        """The layout of the stage ``ctx`` belongs to (decided and recorded at its first call)."""
+        key = (ctx.stage, ctx.grid)
+        if key in self._chosen:
+            return self._chosen[key]
+        par, entry = self.par, self.entry(ctx.stage)
+        assert par.arch is not None
+        tokens = ctx.grid.tokens(par.arch.cost.patch)
+        cands = self.candidates()
+        estimates: dict[LayoutSpec, Estimate] = {}
+        if entry == AUTO:
+            assert par.link is not None
+            spec, estimates = choose(cands, tokens, self.batch, self.branches, par.arch, par.link)
+            why = "auto: the lowest estimate"
+        else:
+            forced = LayoutSpec.of(par.layout) if entry == FIXED else entry
+            assert isinstance(forced, LayoutSpec)
+            spec = forced
+            why = f"forced ({entry})"
+            if par.link is not None:
+                estimates = {s: estimate(s, tokens, self.batch, self.branches, par.arch, par.link) for s in cands}
+                estimates.setdefault(spec, estimate(spec, tokens, self.batch, self.branches, par.arch, par.link))
+        self._chosen[key] = spec
+        record = {
+            "layout": spec.name,
+            "entry": str(entry),
+            "reason": why,
+            "grid": ctx.grid.as_list(),
+            "tokens": tokens,
+            "batch": self.batch,
+            "branches": self.branches,
+            "estimates": {s.name: e.to_dict() for s, e in estimates.items()},
+            "link": None if par.link is None else par.link.to_dict(),
+        }
+        self._records.setdefault(ctx.stage, record)
+        if par.is_main:
+            ranked = sorted(estimates.values(), key=lambda e: e.total_s)
+            model = ", ".join(f"{e.spec.name} {e.total_s * 1e3:.3g}" for e in ranked)
+            logger.info(
+                "stage %d grid %s (%d tokens, batch %d, %s): layout %s, %s%s",
+                ctx.stage + 1, ctx.grid, tokens, self.batch, "CFG on" if self.branches == 2 else "CFG off", spec.name,
+                why, f"; model ms per call: {model}" if model else "",
+            )  # fmt: skip
+        return spec
+
+    def velocity(
+        self,
+        ctx: StageContext,
+        forward: Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor],
+        x_in: torch.Tensor,
+        t: torch.Tensor,
+        conditioning: Conditioning,
+        step: dict[str, Any],
+        g: float,
+    ) -> torch.Tensor:
+        """The guided velocity of one model call on this stage's layout, whole on every rank.
+
+        ``forward(x_in, t, kwargs)`` is one transformer pass. The transformers' sequence-parallel states switch to
+        the layout's groups (no data moves: every rank holds the whole ``x_in``); with ``dp > 1`` this rank's
+        sub-group takes its batch slice (``shard_sizes`` order) and the slices are all-gathered after; with
+        ``cfg 2`` this rank's half computes one branch and one all-gather over the pair combines them. The guidance
+        formula is the engine's own, ``v_u + g·(v_c − v_u)``."""
+        spec = self.select(ctx)
+        par = self.par
+        groups = par.layout_groups[spec]
+        par.use_groups(groups)
+        cond, uncond = conditioning.cond, conditioning.uncond
+        if spec.dp > 1:
+            from ..parallel import ShardPlan
+
+            plan = ShardPlan(self.batch, spec.dp, groups.coords[Axis.DP])
+            part = slice(plan.start, plan.start + plan.length)
+            x_in, t = x_in[part], _batch_slice(t, self.batch, part)
+            cond = {k: _batch_slice(v, self.batch, part) for k, v in cond.items()}
+            uncond = None if uncond is None else {k: _batch_slice(v, self.batch, part) for k, v in uncond.items()}
+            step = {k: _batch_slice(v, self.batch, part) for k, v in step.items()}
+        if spec.cfg == 2 and uncond is not None:
+            mine = cond if groups.coords[Axis.CFG] == 0 else uncond
+            v, v_uncond = par.exchange_cfg(forward(x_in, t, {**mine, **step}), groups)
+            v = v_uncond + g * (v - v_uncond)
+        else:
+            v = forward(x_in, t, {**cond, **step})
+            if uncond is not None:
+                v_uncond = forward(x_in, t, {**uncond, **step})
+                v = v_uncond + g * (v - v_uncond)
+        if spec.dp > 1:
+            v = gather(v, 0, group=groups.dp, num_tokens=self.batch)
+        return v
+
+    def records(self) -> list[dict[str, Any]]:
+        """Per stage, in order: the layout, why, and the cost model's estimate of every candidate (the sidecar)."""
+        return [self._records[k] for k in sorted(self._records)]

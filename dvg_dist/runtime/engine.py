@@ -23,8 +23,9 @@ from ..dvg.planner import COST_PRESETS, CostModel, Grid, Planner
 from ..dvg.sampler import DecideFn, PlanRecord, SamplerConfig, StageContext, local_decider, sample
 from ..models import ADAPTERS, Adapter, InputError, adapter_class, read_model_index, resolve_model_path
 from . import lora, memory
+from .compiling import compile_transformers, measure_compile
 from .distributed import ParallelContext
-from .solver import DiffusersSolver, scheduler_shift, sigma_range
+from .solver import check_checkpoint_scheduler, make_solver, request_generators, scheduler_shift, sigma_range
 from .vae import TileSettings, check_tiling
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Result:
     record: PlanRecord
     timings: dict[str, float]
     trace: list[StepTrace] = field(default_factory=list)
+    layouts: list[dict[str, Any]] | None = None
+    """Per stage, with ``parallel.stage_layouts``: the layout it ran on and why (``StageLayouts.records``)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,6 +105,7 @@ def validate(config: Config, requests: list[Request], model_checks: bool = True)
     if model_checks:
         check_tiling(TileSettings.from_config(config.model), cls.read_json_configs(path)[1])
         cls.check_checkpoint(path, config)
+        check_checkpoint_scheduler(path, config.sampling.steps)
         lora.check(config, path)  # reads every LoRA file: once per model, not per request
     s = config.sampling
     if s.mode != Mode.FULL:
@@ -177,10 +181,13 @@ class Engine:
                 parallelize_transformer(
                     module, self.adapter.sequence_plan, parallel.groups, config.parallel.attention_backend
                 )
+            parallel.attach(self.adapter, config)  # per-stage layouts (parallel.stage_layouts); else a no-op
         # Weight sharding (FSDP2 over the sp group) and CPU offload, after the sequence-parallel hooks: FSDP2 keeps
         # them (it swaps the module's class, not the instance).
         placed = memory.place(pipe, self.adapter, config, None if parallel is None else parallel.groups, device)
         self.offload, self.shard_reports = placed
+        # After the hooks, FSDP2 and placement: the compiled regions see the modules as they will run.
+        compile_transformers(self.adapter.transformers(), config.model.compile)
         spec = self.adapter.spec
         self.spec = spec
 
@@ -192,7 +199,7 @@ class Engine:
         return SamplerConfig(
             full=grid,
             num_steps=s.steps,
-            shift=m.shift if m.shift is not None else scheduler_shift(sched),
+            shift=m.shift if m.shift is not None else scheduler_shift(sched, grid),  # dynamic shifting: per size
             budget=s.budget,
             mode=s.mode,
             options=config.dvg,
@@ -252,6 +259,7 @@ class Engine:
         cfg_parallel = par is not None and par.layout.cfg_degree == 2 and conditioning.uncond is not None
         if par is not None and decide is None and cfg.mode != Mode.FULL:
             decide = par.broadcast_decider(local_decider(cfg))
+        stages = None if par is None else par.stage_plan(cfg.mode == Mode.FULL, len(requests), conditioning)
 
         fault = _injected_fault(par)
 
@@ -266,7 +274,10 @@ class Engine:
             t = adapter.timestep_tensor(timestep, x.shape[0])
             step = adapter.step_kwargs(ctx, x.shape[0])  # MeanFlow's timestep_r; usually empty
             with torch.no_grad():
-                if cfg_parallel:
+                if stages is not None:  # this stage's own layout (parallel.stage_layouts)
+                    fwd = lambda xi, ti, kw: adapter.forward(module, xi, ti, kw)  # noqa: E731
+                    v = stages.velocity(ctx, fwd, x_in, t, conditioning, step, g)
+                elif cfg_parallel:
                     # Each half of the world runs one branch; one exchange gives both to everyone.
                     assert par is not None and conditioning.uncond is not None
                     mine = conditioning.cond if par.cfg_rank == 0 else conditioning.uncond
@@ -285,19 +296,27 @@ class Engine:
                 on_step(trace[-1])
             return v.to(x.dtype)
 
-        solver = DiffusersSolver(adapter.scheduler, s.steps)
+        # Stochastic schedulers (CogVideoX's DPM) draw each step's noise from one generator per request, seeded with
+        # its seed on the CPU (as the pipeline's generator=): the same on every rank.
+        generators = request_generators([r.seed for r in requests])
+        permutation = getattr(adapter, "scheduler_permutation", None)
+        solver = make_solver(adapter.scheduler, s.steps, generators, permutation, grid=grid)
         t0 = time.perf_counter()
-        try:
-            latent, record = sample(
-                velocity, cfg, [r.seed for r in requests], self.spec.latent_channels,
-                decide=decide, step_rule=solver, dtype=torch.float32, device=adapter.device,
-            )  # fmt: skip
-        finally:
-            bars.close()
+        with measure_compile(config.model.compile != "none") as compiled:
+            try:
+                latent, record = sample(
+                    velocity, cfg, [r.seed for r in requests], self.spec.latent_channels,
+                    decide=decide, step_rule=solver, dtype=torch.float32, device=adapter.device,
+                )  # fmt: skip
+            finally:
+                bars.close()
         latent = adapter.final_latent(latent, conditioning)
-        timings["denoise"] = time.perf_counter() - t0
+        timings["denoise"] = time.perf_counter() - t0 - compiled.seconds
         for key, value in record.timings.items():
             timings[key] = value
+        if config.model.compile != "none":
+            timings["compile"] = compiled.seconds
+            logger.info("torch.compile: %d new graph(s) in %.1f s this run", compiled.graphs, compiled.seconds)
 
         if offload is not None:  # the transformers leave the device; the VAE comes on for the decode
             offload.use(*(["vae"] if decode else []))
@@ -314,7 +333,8 @@ class Engine:
         if offload is not None:
             offload.release()
         timings["total"] = time.perf_counter() - t_total
-        return Result(requests, latent, frames, record, timings, trace)
+        layouts = None if stages is None else stages.records()
+        return Result(requests, latent, frames, record, timings, trace, layouts)
 
 
 def _injected_fault(par: ParallelContext | None) -> int | None:
@@ -368,6 +388,8 @@ def sidecar(
     plan = result.record.to_dict()
     for k, stage in enumerate(plan["stages"]):
         stage["time_s"] = result.timings.get(f"stage{k + 1}")
+        if result.layouts is not None and k < len(result.layouts):
+            stage["layout"] = result.layouts[k]  # parallel.stage_layouts: the layout and the cost model's estimates
     demands = plan.get("demands")
     s = config.sampling
     experts: dict[str, int] = {}

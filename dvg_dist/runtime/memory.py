@@ -51,6 +51,8 @@ CPU = torch.device("cpu")
 def check_options(config: Config, layout: ParallelLayout | None) -> None:
     """One-line errors for memory options this run cannot honour, before any weight loads. ``layout`` is None for
     a single process."""
+    if config.parallel.shard_weights and config.model.compile != "none":
+        raise InputError("--compile with --shard_weights is not supported yet: FSDP2's hooks are not traced here")
     if not config.parallel.shard_weights:
         return
     if layout is None or layout.world_size == 1:

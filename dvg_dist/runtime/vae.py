@@ -17,6 +17,12 @@ VAE class                       diffusers' decode                      here
 ``AutoencoderKLHunyuanVideo15`` spatial ``tiled_decode`` (overlap      the same tiles. Time is not tiled: the
 (HunyuanVideo-1.5)              factor); no temporal tiling            decoder's causal attention spans all
                                                                        frames of a tile.
+``AutoencoderKLLTXVideo``       spatial ``tiled_decode`` (512 px,      the same tiles, each decoded with the
+(LTX-Video)                     stride 448); framewise decoding off    pipeline's decode timestep. Time is not
+                                by default                             tiled: the decoder is not causal in time.
+``AutoencoderKLCogVideoX``       ``decode``: 2 latent frames at a time  the VAE's own ``decode`` as one unit
+(CogVideoX)                     through a conv cache; ``tiled_decode`` (tiling on: its own ``tiled_decode``);
+                                with its own non-square overlaps       not split over ranks.
 ==============================  =====================================  ========================================
 
 diffusers' ``tiled_decode`` methods are monolithic (decode every tile, then blend), so this module reproduces only
@@ -154,6 +160,11 @@ class _Scheme:
         self.check(settings, self.ratio, self.t_ratio)
 
     @classmethod
+    def config_ratios(cls, vae_config: dict[str, Any]) -> tuple[int, int]:
+        """(spatial, temporal) compression from the VAE's ``config.json``."""
+        return int(vae_config[cls.ratio_key]), int(vae_config.get("temporal_compression_ratio", 4))
+
+    @classmethod
     def check(cls, s: TileSettings, ratio: int, t_ratio: int) -> None:
         """Refuse settings this VAE cannot tile exactly, in one line (the tile size only when tiling is on)."""
         if not s.spatial:
@@ -273,10 +284,83 @@ class _HunyuanVideo15Scheme(_Scheme):
     decode_whole = decode_tile
 
 
+class _LTXVideoScheme(_Scheme):
+    """``AutoencoderKLLTXVideo``: ``decoder(z, temb)`` per tile (no ``post_quant_conv``), ``temb`` what
+    ``LTXPipeline`` passes at its default decode timestep; no temporal tiling (diffusers' framewise decoding is off
+    unless asked for, and the decoder is not causal in time). The compression is derived from the config as the class
+    derives it (its JSON may leave the ratios null)."""
+
+    @classmethod
+    def config_ratios(cls, vae_config: dict[str, Any]) -> tuple[int, int]:
+        from ..models.ltx import ltx_vae_scale
+
+        temporal, spatial = ltx_vae_scale(vae_config)
+        return spatial, temporal
+
+    def decode_tile(self, z: torch.Tensor) -> torch.Tensor:
+        from ..models.ltx import decode_timestep
+
+        return self.vae.decoder(z, decode_timestep(self.vae, z.shape[0], z.dtype, z.device))
+
+    decode_whole = decode_tile
+
+
+class _CogVideoXScheme(_Scheme):
+    """``AutoencoderKLCogVideoX``: its decode is one call of the VAE's own ``decode`` — two latent frames at a time
+    through a causal conv cache, and with tiling on diffusers' ``tiled_decode`` at the VAE's own geometry (tiles of
+    half its sample size, overlaps of 1/6 of the height and 1/5 of the width: not the square size/stride the other
+    VAEs take). So the plan is one unit (rank 0 decodes it under ``vae_parallel``), and ``model.vae_tile_size`` /
+    ``vae_tile_stride`` other than the defaults are refused rather than ignored."""
+
+    def __init__(self, vae: Any, settings: TileSettings) -> None:
+        self.vae = vae
+        self.settings = settings
+        self.ratio, self.t_ratio = self.config_ratios(dict(vae.config))
+        self.check(settings, self.ratio, self.t_ratio)
+
+    @classmethod
+    def config_ratios(cls, vae_config: dict[str, Any]) -> tuple[int, int]:
+        # As the VAE derives its own latent tile size: one 2x downsampling per block after the first.
+        spatial = 2 ** (len(vae_config.get("block_out_channels", (128, 256, 256, 512))) - 1)
+        return spatial, int(vae_config.get("temporal_compression_ratio", 4))
+
+    @classmethod
+    def check(cls, s: TileSettings, ratio: int, t_ratio: int) -> None:
+        default = TileSettings()
+        if s.spatial and (s.size, s.stride) != (default.size, default.stride):
+            raise InputError(
+                "CogVideoX's VAE tiles with its own geometry (diffusers' tiled_decode): model.vae_tile_size and "
+                "model.vae_tile_stride do not apply to it; leave them at their defaults or turn tiling off"
+            )
+
+    @property
+    def lat_tile(self) -> int:
+        return 1 << 30  # never tiled here: the VAE tiles inside its own decode
+
+    def decode_whole(self, z: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        was = getattr(vae, "use_tiling", False)
+        vae.use_tiling = self.settings.spatial
+        try:
+            video = vae.decode(z, return_dict=False)[0]
+        finally:
+            vae.use_tiling = was
+        want = (z.shape[3] * self.ratio, z.shape[4] * self.ratio)
+        if tuple(video.shape[3:]) != want:
+            # diffusers' tiled_decode mis-sizes latents smaller than a few of its tiles; never hand that on.
+            raise InputError(
+                f"CogVideoX's tiled VAE decode gave {video.shape[4]}x{video.shape[3]} px for a {want[1]}x{want[0]} "
+                "video; decode untiled (--no-vae_tiling)"
+            )
+        return video
+
+
 SCHEMES: dict[str, type[_Scheme]] = {
     "AutoencoderKLWan": _WanScheme,
     "AutoencoderKLHunyuanVideo": _HunyuanVideoScheme,
     "AutoencoderKLHunyuanVideo15": _HunyuanVideo15Scheme,
+    "AutoencoderKLLTXVideo": _LTXVideoScheme,
+    "AutoencoderKLCogVideoX": _CogVideoXScheme,
 }
 """VAE class name → its tiled-decode scheme."""
 
@@ -298,7 +382,7 @@ def check_tiling(settings: TileSettings, vae_config: dict[str, Any]) -> None:
     (the decode then says it has no scheme)."""
     cls = SCHEMES.get(str(vae_config.get("_class_name")))
     if cls is not None:
-        cls.check(settings, int(vae_config[cls.ratio_key]), int(vae_config.get("temporal_compression_ratio", 4)))
+        cls.check(settings, *cls.config_ratios(vae_config))
 
 
 def scheme_for(vae: Any, settings: TileSettings) -> _Scheme:
