@@ -125,7 +125,7 @@ def test_random_weights_are_deterministic() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--family", "cogvideox"], "invalid choice"),
+        (["--family", "sora"], "invalid choice"),
         (["--family", "wan", "--size", "100x64"], "width must be a multiple of 16"),
         (["--family", "wan-ti2v", "--size", "1280x720"], "height of 32 (nearest valid: 1280x704)"),
         (["--family", "wan-ti2v", "--size", "64x64", "--frame_num", "9", "--nproc", "3"], "one token per rank"),
