@@ -462,7 +462,8 @@ def analytic(sp: int, budget: float, k: dict[str, float], b: int = 2) -> list[di
         width, height = m["size"]
         full = spec.latent_grid(width, height, m["frames"])
         planner = Planner(full, 50, budget, spatial_multiple=spec.spatial_multiple,
-                          cost_model=adapter.cost_model_from_config(cfg))  # fmt: skip
+                          cost_model=adapter.cost_model_from_config(cfg),
+                          temporal_multiple=spec.temporal_multiple)  # fmt: skip
         chosen = planner.choose(0.5)[0]
         stages = []
         for i, g in enumerate(chosen.grids):

@@ -788,7 +788,9 @@ def layout_model(world: int = 8, batch: int = 1) -> list[dict[str, Any]]:
         arch = ArchModel.from_config(real.config, cost, 2)
         heads = int(real.config["num_attention_heads"])
         full = spec.latent_grid(width, height, frames)
-        planner = Planner(full, ANALYTIC_STEPS, ANALYTIC_BUDGET, DVGOptions(), spec.spatial_multiple, cost)
+        planner = Planner(
+            full, ANALYTIC_STEPS, ANALYTIC_BUDGET, DVGOptions(), spec.spatial_multiple, cost, spec.temporal_multiple
+        )
         chosen, _ = planner.choose(ANALYTIC_W_S)
         fixed = LayoutSpec(1, 1, *default_split(world, heads))
         cands = [fixed] + [c for c in auto_candidates(world, heads, branches == 2, batch) if c != fixed]

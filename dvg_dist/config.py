@@ -87,8 +87,8 @@ class ModelConfig:
     ``spatial_multiple``) serve planning without a checkpoint; the engine reads the checkpoint's own."""
 
     family: str = "wan"
-    """Model family of the planner tool and the configs: wan, hunyuanvideo, hunyuanvideo15 (the engine reads the
-    family from the checkpoint's ``model_index.json``)."""
+    """Model family of the planner tool and the configs: wan, hunyuanvideo, hunyuanvideo15, cogvideox, ltx (the
+    engine reads the family from the checkpoint's ``model_index.json``)."""
     path: str | None = None
     """Local diffusers directory or hub id."""
     shift: float | None = None
@@ -211,6 +211,9 @@ class SamplingConfig:
     negative-prompt pass."""
     negative_prompt: str = ""
     """The unconditional branch's prompt under CFG (a prompts line may give its own)."""
+    use_dynamic_cfg: bool = False
+    """CogVideoX's cosine schedule of the guidance scale over the timestep (its pipelines' ``use_dynamic_cfg``; the
+    CogVideoX 1.5 recipe turns it on); refused for the families that have none."""
 
     def __post_init__(self) -> None:
         try:

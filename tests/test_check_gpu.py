@@ -44,7 +44,8 @@ def _planner_grids(family: str, grid: Grid) -> list[list[int]]:
     spec = adapter.spec_from_configs(arch.config, arch.vae)
     config = load_config(ROOT / "configs" / arch.run_config)
     cost = adapter.cost_model_from_config(arch.config)
-    planner = Planner(grid, config.sampling.steps, config.sampling.budget, config.dvg, spec.spatial_multiple, cost)
+    s = config.sampling
+    planner = Planner(grid, s.steps, s.budget, config.dvg, spec.spatial_multiple, cost, spec.temporal_multiple)
     return [g.as_list() for g in planner.choose(0.5)[0].grids]
 
 

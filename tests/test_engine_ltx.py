@@ -174,7 +174,7 @@ def test_dvg_runs_reduced_stages_on_each_stage_grid(ltx):
         ("sampling.size=100x256", "width must be a multiple of 32 and height of 32 (nearest valid: 96x256)"),
         ("sampling.size=256x200", "nearest valid: 256x192"),
         ("sampling.frame_num=30", "frame count 30 is not 8k+1 for this model; nearest valid: 25 or 33"),
-        ("parallel.cfg_parallel=true", "--use_cfg_parallel is not supported"),
+        ("sampling.use_dynamic_cfg=true", "use_dynamic_cfg (--use_dynamic_cfg) is CogVideoX's guidance schedule"),
         ("model.vae_tile_size=500", "positive multiple of the VAE's spatial compression 32"),
     ],
 )
@@ -212,15 +212,16 @@ def test_tiled_decode_equals_diffusers(ltx):
 # -- sequence parallel ---------------------------------------------------------------------------------------
 
 
-def _sp_job(rank: int, world: int, ulysses: int, ring: int, path: str, text_encoder: str) -> dict[str, Any]:
-    """DVG on the sp group: the final latent and the token shard every call's patch embedding saw on this rank."""
+def _sp_job(rank: int, world: int, ulysses: int, ring: int, cfg: int, path: str, text_encoder: str) -> dict[str, Any]:
+    """DVG on the group: the final latent and the token shard every call's patch embedding saw on this rank."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     from dvg_dist.parallel import ParallelLayout, build_groups, sequence_parallel_state
     from dvg_dist.runtime.distributed import ParallelContext
 
     pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
-    par = ParallelContext(build_groups(ParallelLayout(world, ulysses, ring, num_heads=2)))
-    engine = Engine(_config(path, f"parallel.text_encoder={text_encoder}"), pipe, parallel=par)
+    par = ParallelContext(build_groups(ParallelLayout(world, ulysses, ring, cfg, num_heads=2)))
+    overrides = [f"parallel.text_encoder={text_encoder}", f"parallel.cfg_parallel={str(cfg == 2).lower()}"]
+    engine = Engine(_config(path, *overrides), pipe, parallel=par)
     shards: list[tuple[int, int]] = []
     hook = pipe.transformer.proj_in.register_forward_pre_hook(lambda _, args: shards.append(tuple(args[0].shape[:2])))
     result = engine.generate([Request(PROMPT, seed=11)], decode=False, progress=False)
@@ -238,23 +239,31 @@ def one_process(ltx) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("world", "ulysses", "ring", "text_encoder"), [(2, 2, 1, "each"), (3, 1, 3, "rank0")])
-def test_sequence_parallel_equals_one_process(ltx, one_process, world, ulysses, ring, text_encoder):
+@pytest.mark.parametrize(
+    ("world", "ulysses", "ring", "cfg", "text_encoder"),
+    [(2, 2, 1, 1, "each"), (3, 1, 3, 1, "rank0"), (2, 1, 1, 2, "rank0")],
+)
+def test_sequence_parallel_equals_one_process(ltx, one_process, world, ulysses, ring, cfg, text_encoder):
+    """Ulysses 2 and ring 3 (uneven shards) run both guidance branches as one batch of 2, as the pipeline; CFG-parallel
+    runs one branch per rank at batch 1: the same latent up to that batch's round-off."""
     from dvg_dist.parallel import shard_sizes
 
     path, _ = ltx
-    reports = run_distributed(_sp_job, world, ulysses, ring, str(path), text_encoder, timeout=240.0)
-    cfg = _config(path)
-    counts = Planner(cfg.latent_grid(), 12, 0.5, cfg.dvg, 1).executed_counts
+    reports = run_distributed(_sp_job, world, ulysses, ring, cfg, str(path), text_encoder, timeout=240.0)
+    config = _config(path)
+    counts = Planner(config.latent_grid(), 12, 0.5, config.dvg, 1).executed_counts
     tokens = [t * h * w for t, h, w in reports[0]["grids"]]
+    sp = world // cfg
     if world == 3:
         assert any(n % world for n in tokens), f"no stage has uneven shards: {tokens}"
     for r in reports:
-        assert r["calls"] > 0, "the sharded attention never ran"
+        assert cfg == 2 or r["calls"] > 0, "the sharded attention never ran"
         rel = float((r["latent"] - one_process).abs().max() / one_process.abs().max())
-        print(f"{world} ranks (ulysses {ulysses}, ring {ring}), rank {r['rank']}: max relative diff {rel:.1e}")
+        print(f"{world} ranks (ulysses {ulysses}, ring {ring}, cfg {cfg}), rank {r['rank']}: relative diff {rel:.1e}")
         assert rel < 1e-5, f"rank {r['rank']} of {world}: latent differs from one process by {rel:.2e}"
-        # Every call embeds this rank's share of the stage's tokens, for both CFG branches at once (batch 2).
-        expected = [(2, shard_sizes(n, world)[r["rank"]]) for n, k in zip(tokens, counts) for _ in range(k)]
+        # Every call embeds this rank's share of the stage's tokens: both CFG branches at once (batch 2), or this
+        # rank's branch alone under CFG-parallel.
+        share = [shard_sizes(n, sp)[r["rank"] % sp] for n in tokens]
+        expected = [(2 // cfg, m) for m, k in zip(share, counts) for _ in range(k)]
         assert r["shards"] == expected, f"rank {r['rank']}: token shards {r['shards']}, expected {expected}"
     assert all(torch.equal(r["latent"], reports[0]["latent"]) for r in reports), "ranks disagree"

@@ -200,6 +200,24 @@ def test_fixed_candidate():
     assert p.fixed_candidate(1.0, 1.0).t23 == 21
 
 
+def test_temporal_multiple_keeps_reduced_stages_whole_temporal_patches():
+    """CogVideoX 1.5 (patch_size_t 2): the sketch, T₂₃ candidates and a fixed r give even frame counts; the full
+    grid keeps its own count (odd here, as a grid the model pads itself)."""
+    for full in (Grid(22, 12, 16), Grid(21, 12, 16)):
+        p = Planner(full, N, 0.5, spatial_multiple=2, temporal_multiple=2)
+        t1 = p.sketch_frames()
+        assert t1 == 2 * round(round(p.options.sketch_temporal_factor * 0.5 * full.t) / 2) and t1 % 2 == 0, t1
+        cands = p.candidates(Mode.DVG)
+        assert sorted({c.t23 for c in cands}) == [t for t in range(t1, full.t + 1) if t % 2 == 0 or t == full.t]
+        for c in cands + p.candidates(Mode.TEMPORAL_ONLY):
+            assert all(g.t % 2 == 0 or g.t == full.t for g in c.grids), c.grids
+        assert p.fixed_candidate(1.0, 0.5).t23 in (10, 12) and p.fixed_candidate(1.0, 0.5).t23 % 2 == 0
+    assert Planner(Grid(6, 8, 8), N, 0.5, temporal_multiple=2).fixed_candidate(1.0, 0.5).t23 == 4  # round(1.5) = 2
+    assert Planner(Grid(1, 8, 8), N, 1.0, temporal_multiple=2).sketch_frames() == 1  # never above the full count
+    with pytest.raises(ValueError, match="temporal_multiple must be >= 1"):
+        Planner(FULL, N, 0.5, temporal_multiple=0)
+
+
 # -- budget filter ----------------------------------------------------------------------------------------
 
 

@@ -40,7 +40,13 @@ FAMILIES: dict[str, tuple[str, list[str], list[str], bool]] = {
     "hunyuan": ("tiny-hunyuan.yaml", ["sampling.true_cfg_scale=3.5", "sampling.negative_prompt=blurry"], [], False),
     "hunyuan15": ("tiny-hunyuan15.yaml", [], ["sampling.guidance_scale=1"], False),
     "hunyuan15-i2v": ("tiny-hunyuan15-i2v.yaml", [], ["sampling.guidance_scale=1"], True),
+    "ltx": ("tiny-ltx.yaml", [], ["sampling.guidance_scale=1"], False),
+    "cogvideox-i2v": ("tiny-cogvideox-i2v.yaml", [], ["sampling.guidance_scale=1"], True),
 }
+BATCHED_CFG = {"ltx", "cogvideox-i2v"}
+"""Families whose pipeline runs both guidance branches as one batch (``Adapter.batched_cfg``): the engine does too
+wherever both run on the same ranks, and a CFG-parallel stage runs each at batch 1 — the same video up to that
+batch's round-off, so the bit-for-bit sets below hold for them only where the compared runs batch alike."""
 # The fixed layout of each world (2 heads in every tiny model: Ulysses at most 2).
 BASE = {2: (2, 1, 1), 3: (1, 3, 1), 4: (2, 2, 1)}
 """world → (ulysses, ring, cfg)."""
@@ -80,7 +86,7 @@ every stage, is each prompt alone on CFG-parallel / Ulysses 2, switched likewise
 TOL = 5e-6
 """Every other case vs one process (relative max difference). Not zero: a ring merges partial softmaxes by
 log-sum-exp, joint attention (the Hunyuan families) attends the text separately and merges, and a GEMM over another
-number of rows (a shard, or a batch of 2 instead of 1) may sum in another order. Measured: up to 7.6e-7."""
+number of rows (a shard, or a batch of 2 instead of 1) may sum in another order. Measured: up to 9.6e-7."""
 
 
 def _requests(prompts: tuple[int, ...], image: str | None) -> list[Any]:
@@ -173,9 +179,10 @@ def test_stage_layouts_give_the_single_process_latent(tiny_checkpoint, tmp_path)
                     assert used == [base if e == "fixed" else e for e in (layouts.split(",") * 4)[:4]], (name, used)
                 for i, k in enumerate(prompts):
                     mine, expected = latent[i : i + 1], ref[(family, cfg_on, fixed_plan, k)]
-                    if (world, name) in SAME_AS_ONE_PROCESS:
+                    batched = family in BATCHED_CFG and cfg_on
+                    if (world, name) in SAME_AS_ONE_PROCESS and not batched:
                         assert torch.equal(mine, expected), (world, name, family, k, _rel(mine, expected))
-                    if (world, name) in SAME_AS_RUN:
+                    if (world, name) in SAME_AS_RUN and not (batched and name == "cfg2xu2"):
                         w, other, j = SAME_AS_RUN[(world, name)][i]
                         theirs = got[w][(family, other)][0][j : j + 1]
                         assert torch.equal(mine, theirs), (world, name, family, k, _rel(mine, theirs))

@@ -117,7 +117,9 @@ def full_candidate(full: Grid) -> Candidate:
 class Planner:
     """Builds and ranks the actions for one latent size, step count, budget and mode.
 
-    ``spatial_multiple`` is what the backbone accepts per spatial side (Wan: 2 since ph = pw = 2).
+    ``spatial_multiple`` is what the backbone accepts per spatial side (Wan: 2 since ph = pw = 2);
+    ``temporal_multiple`` what it accepts in latent frames (CogVideoX 1.5: 2, its ``patch_size_t``; 1 elsewhere).
+    Every reduced stage's frame count is a multiple of it; the full grid is the model's own.
     """
 
     full: Grid
@@ -126,12 +128,15 @@ class Planner:
     options: DVGOptions = field(default_factory=DVGOptions)
     spatial_multiple: int = 1
     cost_model: CostModel = field(default_factory=lambda: COST_PRESETS["wan2.1-14b"])
+    temporal_multiple: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:
             raise ValueError(f"budget must be in (0, 1]; got {self.budget}")
         if self.spatial_multiple < 1:
             raise ValueError(f"spatial_multiple must be >= 1; got {self.spatial_multiple}")
+        if self.temporal_multiple < 1:
+            raise ValueError(f"temporal_multiple must be >= 1; got {self.temporal_multiple}")
         self.boundaries = stage_boundaries(self.num_steps, self.options.boundary_fractions)
         self.step_counts = released_step_counts(self.num_steps, self.boundaries)
         self.executed_counts = executed_step_counts(self.num_steps, self.boundaries)
@@ -153,9 +158,17 @@ class Planner:
         size = m * round(size / m)
         return max(min(m, full), min(size, full))
 
+    def temporal_size(self, frames: int) -> int:
+        """``frames`` to the nearest multiple of the backbone's temporal multiple (half-to-even), at least one
+        multiple, at most the full frame count (itself allowed whatever it is)."""
+        full, m = self.full.t, self.temporal_multiple
+        if frames >= full:
+            return full
+        return max(min(m, full), min(m * round(frames / m), full))
+
     def sketch_frames(self) -> int:
-        """``T_1 = round(factor·ρ*·T)``, at least 1."""
-        return max(1, min(self.full.t, round(self.options.sketch_temporal_factor * self.budget * self.full.t)))
+        """``T_1 = round(factor·ρ*·T)``, at least 1 (at least and a multiple of the temporal multiple)."""
+        return self.temporal_size(max(1, round(self.options.sketch_temporal_factor * self.budget * self.full.t)))
 
     def sketch_grid(self) -> Grid:
         s1 = self.options.sketch_spatial_ratio
@@ -199,7 +212,8 @@ class Planner:
     def candidates(self, mode: Mode = Mode.DVG) -> list[Candidate]:
         """Every action the mode allows, before the budget filter."""
         t1 = self.sketch_frames()
-        frames = range(t1, self.full.t + 1)
+        m = self.temporal_multiple
+        frames = [t for t in range(t1, self.full.t + 1) if t % m == 0 or t == self.full.t]
         svals = self.options.spatial_candidates()
         if mode == Mode.SPATIAL_ONLY:
             return [self.candidate(s, self.full.t, spatial_in_stage3=True) for s in svals]
@@ -208,8 +222,8 @@ class Planner:
         return [self.candidate(s, t) for s in svals for t in frames]
 
     def fixed_candidate(self, s: float, r: float) -> Candidate:
-        """``mode = fixed``: the manual (s, r), with T₂₃ = round(r·T) kept within [T_1, T]."""
-        t23 = max(self.sketch_frames(), min(self.full.t, round(r * self.full.t)))
+        """``mode = fixed``: the manual (s, r), with T₂₃ = round(r·T) (to the temporal multiple) within [T_1, T]."""
+        t23 = max(self.sketch_frames(), self.temporal_size(round(r * self.full.t)))
         return self.candidate(s, t23)
 
     # -- budget filter and matching ------------------------------------------------------------------

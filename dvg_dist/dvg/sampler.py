@@ -196,6 +196,8 @@ class SamplerConfig:
     mode: Mode = Mode.DVG
     options: DVGOptions = field(default_factory=DVGOptions)
     spatial_multiple: int = 1
+    temporal_multiple: int = 1
+    """Reduced stages' latent frames are a multiple of it (the transformer's temporal patch)."""
     sigma_max: float = 1.0
     sigma_min: float = 0.0
     """Base schedule ends (see :func:`flow_sigmas`): Hunyuan (1, 0), Wan's UniPC (1, 1/1000)."""
@@ -229,6 +231,7 @@ class SamplerConfig:
             options=self.effective_options,
             spatial_multiple=self.spatial_multiple,
             cost_model=self.cost_model,
+            temporal_multiple=self.temporal_multiple,
         )
 
     def stage_shift(self, stage: int) -> float:
@@ -380,11 +383,13 @@ def sample(
             timings["decide"] = time.perf_counter() - t_decide
             # A custom decide may return anything: outside these bounds the planner's clamping would record
             # a sketch grid that never ran (T23 < T1) or a T23 that never ran (T23 > T).
-            t1 = planner.sketch_frames()
-            if not (0 < decision.s <= 1 and t1 <= decision.t23 <= config.full.t):
+            t1, m = planner.sketch_frames(), planner.temporal_multiple
+            whole = decision.t23 % m == 0 or decision.t23 == config.full.t
+            if not (0 < decision.s <= 1 and t1 <= decision.t23 <= config.full.t and whole):
+                multiple = f", a multiple of {m}" if m > 1 else ""
                 raise ValueError(
                     f"decide returned s={decision.s}, T23={decision.t23}; need 0 < s <= 1 and "
-                    f"{t1} <= T23 <= {config.full.t} (the sketch's frames up to the full frames)"
+                    f"{t1} <= T23 <= {config.full.t} (the sketch's frames up to the full frames{multiple})"
                 )
             spatial_in_stage3 = config.selection_mode == Mode.SPATIAL_ONLY
             chosen = planner.candidate(decision.s, decision.t23, spatial_in_stage3)

@@ -60,6 +60,10 @@ class Conditioning:
     latent_condition: torch.Tensor | None = None
     """Full-size ``[B, C', T, H, W]`` channels concatenated to the latent (I2V), sampled at each stage's
     coordinates so every stage sees the same image at the same place."""
+    generator_states: list[torch.Tensor] | None = None
+    """The requests' generator states after :meth:`Adapter.encode` drew from them (CogVideoX I2V samples its image
+    latent from the pipeline's ``generator``); every rank's solver continues from these, so a stochastic scheduler's
+    step noise is the pipeline's. None when encoding draws nothing."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,11 @@ class FamilySpec:
     def spatial_multiple(self) -> int:
         """Stage grids' H and W must be whole patches."""
         return math.lcm(self.patch[1], self.patch[2])
+
+    @property
+    def temporal_multiple(self) -> int:
+        """Reduced stage grids' T must be whole temporal patches (CogVideoX 1.5: 2; 1 elsewhere)."""
+        return self.patch[0]
 
     def latent_grid(self, width: int, height: int, frames: int) -> Grid:
         """The full latent of a ``width × height`` video of ``frames`` frames; refuses (never rounds) what the
@@ -102,6 +111,13 @@ class Adapter(ABC):
     sequence_plan: ClassVar[SequencePlan] = SequencePlan()
     fps: ClassVar[int] = 16
     """Frame rate of the written video."""
+    batched_cfg: ClassVar[bool] = False
+    """The pipeline runs the two guidance branches as one batch ``[uncond, cond]`` (CogVideoX, LTX-Video); the
+    engine then does too wherever both branches run on the same ranks (``runtime/guidance.py``)."""
+    shared_cfg_kwargs: ClassVar[frozenset[str]] = frozenset()
+    dynamic_cfg: ClassVar[bool] = False
+    """The family has a guidance schedule over the timestep (``sampling.use_dynamic_cfg``; CogVideoX)."""
+    """Conditioning tensors without a batch dimension, passed once to a batched-CFG pass (CogVideoX's ``ofs``)."""
     transformer_config: ClassVar[str] = "transformer/config.json"
     vae_config: ClassVar[str] = "vae/config.json"
 
@@ -184,9 +200,12 @@ class Adapter(ABC):
         sampling: SamplingConfig,
         image: Any | None,
         grid: Grid,
+        generators: list[torch.Generator] | None = None,
     ) -> Conditioning:
         """Prompt (and image) conditioning with the pipeline's own encode functions. ``sampling`` says which
-        guidance is on (the family decides what its scales mean: CFG, embedded guidance, true CFG)."""
+        guidance is on (the family decides what its scales mean: CFG, embedded guidance, true CFG). ``generators``
+        are the requests' own (the pipeline's ``generator=``), for a family whose pipeline draws from them while
+        preparing its inputs; one that does returns their states after (``Conditioning.generator_states``)."""
 
     # -- one transformer pass ------------------------------------------------------------------------
 

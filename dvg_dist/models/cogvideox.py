@@ -10,10 +10,11 @@ What the two pipelines' ``__call__`` do, and how this adapter reproduces it with
   frame *in front* (``additional_frames``), denoise it along, and drop it before decoding. The released recipe (81
   frames → 21 latent frames) needs it, so it is reproduced exactly, not refused: the full latent grid includes the
   padding frame (:meth:`CogVideoXSpec.latent_grid`) and :meth:`CogVideoXAdapter.final_latent` drops it.
-- Stage grids: DVG's reduced stages may have an odd frame count too (the planner knows only a spatial multiple).
-  Such a stage's input gets the pipelines' own kind of padding — its first latent frame repeated in front, the
-  image-latent convention of the I2V pipeline — and the output's padding frame is dropped, so the sampler state
-  stays at the stage grid. Full-size calls never need it (the full grid is padded already).
+- Stage grids: the planner keeps every reduced stage's latent frame count a multiple of ``patch_size_t``
+  (``FamilySpec.temporal_multiple``), so every stage runs whole temporal patches and the cost model counts what runs.
+  :meth:`CogVideoXAdapter.forward` still takes any grid: an odd frame count gets the pipelines' own kind of padding
+  (its first latent frame repeated in front, the image-latent convention of the I2V pipeline) and the output's
+  padding frame is dropped.
 - Prompts: ``pipe.encode_prompt`` (T5, padded to 226 tokens, the pipelines' ``max_sequence_length``); the
   negative prompt only under CFG (``guidance_scale > 1``).
 - Timestep: ``t.expand(B)``, the scheduler's int64 timestep. Guidance: plain CFG ``uncond + g·(cond - uncond)``,
@@ -29,12 +30,11 @@ What the two pipelines' ``__call__`` do, and how this adapter reproduces it with
 - Decode: ``vae.decode(1 / scaling_factor · latents)`` (that exact arithmetic) then
   ``video_processor.postprocess_video``.
 
-Two differences from the pipelines' own loop, both in float round-off only: they run the unconditional and
-conditional passes as one batch of 2B, the engine as two passes of B (a batch-1 matrix product rounds differently
-from a batch-2 one on CPU); and the I2V image latent is sampled (``latent_dist.sample``) from a generator seeded
-with the run's ``sampling.seed``, where the pipeline uses its ``generator`` — the same values when that generator is
-seeded alike, but the pipeline's stochastic scheduler then continues that generator, which the engine's solver does
-not see.
+Guidance runs as the pipelines run it, the unconditional and conditional passes as one batch of 2B
+(``batched_cfg``; ``ofs`` passed once, as they pass it); under CFG-parallel each half of the ranks runs one branch at
+batch B instead, the same video up to float round-off (a batch-1 matrix product rounds differently from a batch-2
+one on CPU). The I2V image latent is sampled (``latent_dist.sample``) from the request's generator, which the DPM
+scheduler's step noise then continues, as the pipeline's ``generator`` (``Conditioning.generator_states``).
 """
 
 from __future__ import annotations
@@ -114,6 +114,9 @@ class CogVideoXAdapter(Adapter):
     sequence_plan = COGVIDEOX_SEQUENCE_PLAN
     fps = 16  # CogVideoX 1.5 is trained on and shown at 16 fps
     max_sequence_length = MAX_SEQUENCE_LENGTH
+    batched_cfg = True
+    dynamic_cfg = True
+    shared_cfg_kwargs = frozenset({"ofs"})
     scheduler_permutation = (0, 2, 1, 3, 4)
     """The engine's ``[B, C, T, H, W]`` → the pipelines' ``[B, F, C, H, W]``: the solver steps there, so the DPM
     scheduler draws its noise in the pipelines' layout and order."""
@@ -172,6 +175,7 @@ class CogVideoXAdapter(Adapter):
         sampling: SamplingConfig,
         image: Any | None,
         grid: Grid,
+        generators: list[torch.Generator] | None = None,
     ) -> Conditioning:
         pipe = self.pipe
         name = type(pipe).__name__
@@ -204,23 +208,26 @@ class CogVideoXAdapter(Adapter):
             for kwargs in (cond_kwargs, uncond_kwargs):
                 if kwargs is not None:
                     kwargs["ofs"] = ofs
-        latent_condition = self._image_condition(image, len(prompts), grid, sampling) if self.is_i2v else None
-        return Conditioning(cond_kwargs, uncond_kwargs, latent_condition)
+        if not self.is_i2v:
+            return Conditioning(cond_kwargs, uncond_kwargs)
+        if generators is None:  # a direct call: the run's seed, as the engine's request generators
+            generators = [torch.Generator().manual_seed(sampling.seed) for _ in prompts]
+        latent_condition = self._image_condition(image, len(prompts), grid, generators)
+        return Conditioning(cond_kwargs, uncond_kwargs, latent_condition, [g.get_state() for g in generators])
 
-    def _image_condition(self, image: Any, batch: int, grid: Grid, sampling: SamplingConfig) -> torch.Tensor:
+    def _image_condition(self, image: Any, batch: int, grid: Grid, generators: list[torch.Generator]) -> torch.Tensor:
         """The I2V pipeline's condition latents ``[B, C, T, H, W]`` at full size over the padded frames, from its own
-        ``video_processor.preprocess`` and ``prepare_latents`` (the image latent sampled from a generator seeded
-        with ``sampling.seed``)."""
+        ``video_processor.preprocess`` and ``prepare_latents``: image b's latent sampled from ``generators[b]`` (the
+        pipeline's list of generators), which the DPM steps then continue."""
         pipe = self.pipe
         st, sh, sw = self.spec.vae_scale
         height, width, frames = grid.h * sh, grid.w * sw, (grid.t - 1) * st + 1
         dtype, device = self.transformer_dtype, self.device
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
         with torch.no_grad():
             pixels = pipe.video_processor.preprocess([image] * batch, height=height, width=width).to(device, dtype)
             placeholder = torch.zeros(batch, grid.t, self.spec.latent_channels, grid.h, grid.w, dtype=dtype)
             _, image_latents = pipe.prepare_latents(
-                pixels, batch, self.spec.latent_channels, frames, height, width, dtype, device, generator,
+                pixels, batch, self.spec.latent_channels, frames, height, width, dtype, device, list(generators),
                 placeholder.to(device),
             )  # fmt: skip
         return image_latents.permute(0, 2, 1, 3, 4).contiguous()
@@ -228,11 +235,11 @@ class CogVideoXAdapter(Adapter):
     # -- one transformer pass ------------------------------------------------------------------------
 
     def guidance_for(self, timestep: float, sampling: SamplingConfig) -> float:
-        """``guidance_scale``; with ``use_dynamic_cfg`` (when the sampling config has it) the pipelines' schedule
+        """``guidance_scale``; with ``sampling.use_dynamic_cfg`` the pipelines' schedule
         ``1 + g·(1 - cos(π·((N - t) / N)^5)) / 2`` with N the step count and t the current timestep, as they
         compute it in Python floats."""
         g = sampling.guidance_scale
-        if not getattr(sampling, "use_dynamic_cfg", False):
+        if not sampling.use_dynamic_cfg:
             return g
         n = sampling.steps
         return 1 + g * ((1 - math.cos(math.pi * ((n - timestep) / n) ** 5.0)) / 2)

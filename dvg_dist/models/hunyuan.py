@@ -122,6 +122,7 @@ class HunyuanVideoAdapter(Adapter):
         sampling: SamplingConfig,
         image: Any | None,
         grid: Grid,
+        generators: list[torch.Generator] | None = None,
     ) -> Conditioning:
         """As ``HunyuanVideoPipeline.__call__``: ``encode_prompt`` (Llama hidden states + mask, CLIP pooled),
         cast to the transformer's dtype; the embedded guidance ``guidance_scale × 1000`` in both passes; the

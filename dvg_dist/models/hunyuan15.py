@@ -130,6 +130,7 @@ class HunyuanVideo15Adapter(Adapter):
         sampling: SamplingConfig,
         image: Any | None,
         grid: Grid,
+        generators: list[torch.Generator] | None = None,
     ) -> Conditioning:
         pipe = self.pipe
         name = type(pipe).__name__

@@ -17,11 +17,10 @@ What ``LTXPipeline.__call__`` does, and how each piece maps onto the engine:
 - **Timestep.** ``t.expand(B)``: the scheduler's float32 timestep per video, whatever the transformer's dtype.
 - **Guidance.** Plain CFG, ``uncond + g·(cond − uncond)`` in float32 on ``noise_pred.float()``, with the two branches
   run as **one batch** ``[negative, positive]``. Batch 1 and batch 2 round differently (a matrix–vector product in
-  the timestep embedder at batch 1), so to equal the pipeline bit for bit the adapter runs the same batch:
-  with guidance on, :meth:`encode` returns the stacked text as the one pass of the step (``Conditioning.uncond`` is
-  None) and :meth:`forward` runs ``[x, x]`` and combines the halves exactly as the pipeline does. CFG-parallel
-  (``--use_cfg_parallel``) therefore has no separate branches to split and is refused. The pipeline's
-  ``guidance_rescale`` (default 0) has no config key: it is always 0 here.
+  the timestep embedder at batch 1), so to equal the pipeline bit for bit the adapter declares ``batched_cfg`` and the
+  engine runs that batch (``runtime/guidance.py``). Under CFG-parallel (``--use_cfg_parallel``, or a ``cfg2`` stage
+  layout) each half of the ranks runs one branch at batch 1 instead: the same video up to that round-off. The
+  pipeline's ``guidance_rescale`` (default 0) has no config key: it is always 0 here.
 - **Schedule.** ``FlowMatchEulerDiscreteScheduler`` with ``use_dynamic_shifting`` and ``shift_terminal``: ``mu`` from
   the video's latent size, ``sigmas = linspace(1, 1/N, N)`` (``runtime/solver.py``, ``DynamicShiftSolver``).
 - **Decode.** ``_denormalize_latents`` with the VAE's ``latents_mean`` / ``latents_std`` / ``scaling_factor``, then the
@@ -57,11 +56,6 @@ LTX_SEQUENCE_PLAN = SequencePlan(
 
 MAX_SEQUENCE_LENGTH = 128
 """T5 prompt tokens: ``LTXPipeline``'s ``max_sequence_length`` default (prompts are padded to it)."""
-
-_CFG_SCALE = "_dvg_cfg_batch_scale"
-"""Key of the batched pass's guidance scale in the conditioning kwargs; :meth:`LTXVideoAdapter.forward` takes it
-out before calling the transformer (a plain float, so it survives the conditioning broadcast of
-``--text_encoder_rank0``)."""
 
 
 def ltx_vae_scale(vae: dict[str, Any]) -> tuple[int, int]:
@@ -134,6 +128,7 @@ class LTXVideoAdapter(Adapter):
     family = "ltx"
     pipeline_classes = ("LTXPipeline",)
     sequence_plan = LTX_SEQUENCE_PLAN
+    batched_cfg = True
     fps = 25
     """``LTXPipeline``'s ``frame_rate`` default: what the rotary scale tells the model, and the written video's rate."""
     max_sequence_length = MAX_SEQUENCE_LENGTH
@@ -172,14 +167,8 @@ class LTXVideoAdapter(Adapter):
 
     @classmethod
     def check_checkpoint(cls, path: str | Path, config: Any) -> None:
-        """Refuse, before any weight loads, a transformer patch other than 1 and CFG-parallel (the two guidance
-        branches run as one batch, as the pipeline runs them)."""
+        """Refuse, before any weight loads, a transformer patch other than 1."""
         _check_patch(cls.read_json_configs(path)[0])
-        if config.parallel.cfg_parallel:
-            raise InputError(
-                "LTX-Video runs both guidance branches as one batch, as LTXPipeline does: --use_cfg_parallel is not "
-                "supported for it (use --ulysses_degree / --ring_degree for the ranks)"
-            )
 
     def encode(
         self,
@@ -188,6 +177,7 @@ class LTXVideoAdapter(Adapter):
         sampling: SamplingConfig,
         image: Any | None,
         grid: Grid,
+        generators: list[torch.Generator] | None = None,
     ) -> Conditioning:
         """As ``LTXPipeline.__call__``: ``encode_prompt`` (T5 states + boolean mask, padded to 128 tokens), CFG when
         ``guidance_scale > 1`` with the negative prompt's encoding stacked first, as one batch."""
@@ -206,14 +196,11 @@ class LTXVideoAdapter(Adapter):
                 device=self.device,
             )
         dtype = self.transformer_dtype
+        cond = {"encoder_hidden_states": embeds.to(dtype), "encoder_attention_mask": mask}
         if not do_cfg:
-            return Conditioning({"encoder_hidden_states": embeds.to(dtype), "encoder_attention_mask": mask}, None)
-        both = {
-            "encoder_hidden_states": torch.cat([negative, embeds]).to(dtype),
-            "encoder_attention_mask": torch.cat([negative_mask, mask]),
-            _CFG_SCALE: float(sampling.guidance_scale),
-        }
-        return Conditioning(both, None)
+            return Conditioning(cond, None)
+        uncond = {"encoder_hidden_states": negative.to(dtype), "encoder_attention_mask": negative_mask}
+        return Conditioning(cond, uncond)
 
     def timestep_tensor(self, timestep: float, batch: int) -> torch.Tensor:
         # LTXPipeline: ``t.expand(B)`` of the scheduler's float32 timesteps.
@@ -222,17 +209,10 @@ class LTXVideoAdapter(Adapter):
     def forward(
         self, module: torch.nn.Module, x_in: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]
     ) -> torch.Tensor:
-        """The transformer on the packed latent; with guidance on, the pipeline's batch ``[x, x]`` against the
-        stacked ``[negative, positive]`` text, combined in float32 as the pipeline combines it."""
-        kwargs = dict(kwargs)
-        scale = kwargs.pop(_CFG_SCALE, None)
-        grid = Grid(*x_in.shape[2:])
-        if scale is None:
-            out = call_transformer(module, x_in, t, self.rope_interpolation_scale, kwargs).float()
-            return unpack(out, grid)
-        out = call_transformer(module, torch.cat([x_in] * 2), torch.cat([t] * 2), self.rope_interpolation_scale, kwargs)
-        uncond, cond = out.float().chunk(2)
-        return unpack(uncond + scale * (cond - uncond), grid)
+        """The transformer on the packed latent (the engine's batched-CFG pass is ``[x, x]`` against the stacked
+        ``[negative, positive]`` text), in float32 as the pipeline takes ``noise_pred.float()``."""
+        out = call_transformer(module, x_in, t, self.rope_interpolation_scale, kwargs).float()
+        return unpack(out, Grid(*x_in.shape[2:]))
 
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         # LTXPipeline's own un-normalisation (latents_mean / latents_std / scaling_factor), so decodes match it exactly.

@@ -113,6 +113,7 @@ class WanAdapter(Adapter):
         sampling: SamplingConfig,
         image: Any | None,
         grid: Grid,
+        generators: list[torch.Generator] | None = None,
     ) -> Conditioning:
         pipe = self.pipe
         # As WanPipeline: CFG when guidance_scale > 1 (the low-noise expert's guidance_scale_2 rides along).

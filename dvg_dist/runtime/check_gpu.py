@@ -695,7 +695,7 @@ def prepare(args: argparse.Namespace, world: int, argv: list[str]) -> Check:
         check_backend_available(args.attention_backend)
     s = config.sampling
     cost = adapter.cost_model_from_config(arch.config)
-    planner = Planner(grid, s.steps, s.budget, config.dvg, spec.spatial_multiple, cost)
+    planner = Planner(grid, s.steps, s.budget, config.dvg, spec.spatial_multiple, cost, spec.temporal_multiple)
     chosen, _ = planner.choose(0.5)  # no sketch to read: equal demand weights
     if world > 1 and arch.sequence_plan is WAN_TI2V_SEQUENCE_PLAN:
         for g in chosen.grids:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..config import Config
 from ..dvg.planner import COST_PRESETS, Grid
 from ..dvg.sampler import DecideFn, Decision, StageContext
-from ..models import Conditioning, InputError, adapter_class, resolve_model_path
+from ..models import Adapter, Conditioning, InputError, adapter_class, resolve_model_path
 from ..parallel import Axis, ParallelGroups, ParallelLayout, build_groups, default_backend, gather
 from ..parallel.backends import NATIVE, BackendUnavailableError, check_backend_available
 from ..parallel.layouts import (
@@ -38,6 +38,7 @@ from ..parallel.layouts import (
     parse_entry,
 )
 from ..parallel.mesh import GroupCache
+from .guidance import guided
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def _to(c: Conditioning | None, device: torch.device) -> Conditioning | None:
         return None if d is None else {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()}
 
     lc = c.latent_condition
-    return Conditioning(move(c.cond) or {}, move(c.uncond), None if lc is None else lc.to(device))
+    return Conditioning(move(c.cond) or {}, move(c.uncond), None if lc is None else lc.to(device), c.generator_states)
 
 
 @dataclass
@@ -460,13 +461,15 @@ class StageLayouts:
         conditioning: Conditioning,
         step: dict[str, Any],
         g: float,
+        adapter: Adapter,
     ) -> torch.Tensor:
         """The guided velocity of one model call on this stage's layout, whole on every rank.
 
         ``forward(x_in, t, kwargs)`` is one transformer pass. The transformers' sequence-parallel states switch to
         the layout's groups (no data moves: every rank holds the whole ``x_in``); with ``dp > 1`` this rank's
         sub-group takes its batch slice (``shard_sizes`` order) and the slices are all-gathered after; with
-        ``cfg 2`` this rank's half computes one branch and one all-gather over the pair combines them. The guidance
+        ``cfg 2`` this rank's half computes one branch and one all-gather over the pair combines them; otherwise
+        both branches run here, as one batch where ``adapter.batched_cfg`` (``runtime/guidance.py``). The guidance
         formula is the engine's own, ``v_u + g·(v_c − v_u)``."""
         spec = self.select(ctx)
         par = self.par
@@ -487,10 +490,7 @@ class StageLayouts:
             v, v_uncond = par.exchange_cfg(forward(x_in, t, {**mine, **step}), groups)
             v = v_uncond + g * (v - v_uncond)
         else:
-            v = forward(x_in, t, {**cond, **step})
-            if uncond is not None:
-                v_uncond = forward(x_in, t, {**uncond, **step})
-                v = v_uncond + g * (v - v_uncond)
+            v = guided(forward, x_in, t, cond, uncond, step, g, adapter.batched_cfg, adapter.shared_cfg_kwargs)
         if spec.dp > 1:
             v = gather(v, 0, group=groups.dp, num_tokens=self.batch)
         return v

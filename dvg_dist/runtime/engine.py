@@ -25,6 +25,7 @@ from ..models import ADAPTERS, Adapter, InputError, adapter_class, read_model_in
 from . import lora, memory
 from .compiling import compile_transformers, measure_compile
 from .distributed import ParallelContext
+from .guidance import guided
 from .solver import check_checkpoint_scheduler, make_solver, request_generators, scheduler_shift, sigma_range
 from .vae import TileSettings, check_tiling
 
@@ -108,9 +109,14 @@ def validate(config: Config, requests: list[Request], model_checks: bool = True)
         check_checkpoint_scheduler(path, config.sampling.steps)
         lora.check(config, path)  # reads every LoRA file: once per model, not per request
     s = config.sampling
+    if s.use_dynamic_cfg and not cls.dynamic_cfg:
+        raise InputError(
+            f"sampling.use_dynamic_cfg (--use_dynamic_cfg) is CogVideoX's guidance schedule; this {cls.family} "
+            "checkpoint has none"
+        )
     if s.mode != Mode.FULL:
         cost = cost_model(config, cls, cls.read_json_configs(path)[0])
-        planner = Planner(grid, s.steps, s.budget, config.dvg, spec.spatial_multiple, cost)
+        planner = Planner(grid, s.steps, s.budget, config.dvg, spec.spatial_multiple, cost, spec.temporal_multiple)
         if s.mode == Mode.FIXED:
             if config.dvg.fixed is None:
                 raise InputError("mode fixed needs --fixed s,r (or dvg.fixed in the config)")
@@ -204,6 +210,7 @@ class Engine:
             mode=s.mode,
             options=config.dvg,
             spatial_multiple=self.spec.spatial_multiple,
+            temporal_multiple=self.spec.temporal_multiple,
             sigma_max=sigma_max,
             sigma_min=sigma_min,
             cost_model=cost_model(config, type(self.adapter), dict(self.adapter.pipe.transformer.config)),
@@ -241,14 +248,21 @@ class Engine:
         rank0_encodes = par is not None and config.parallel.text_encoder == "rank0"
         if offload is not None and (not rank0_encodes or par is None or par.is_main):
             offload.use(*memory.encode_components(adapter))  # on the device while encoding, off right after
+        # Stochastic schedulers (CogVideoX's DPM) draw each step's noise from one generator per request, seeded with
+        # its seed on the CPU (as the pipeline's generator=): the same on every rank. A pipeline that draws from it
+        # while preparing (CogVideoX I2V's image latent) does so in encode; the states it leaves reach every rank.
+        generators = request_generators([r.seed for r in requests])
+        prompts = [r.prompt for r in requests]
         if rank0_encodes:
             # Rank 0 encodes; every rank receives the same tensors (bit-identical to encoding everywhere). The other
             # ranks did not even load the encoders (memory.skipped_components).
             assert par is not None
-            mine = adapter.encode([r.prompt for r in requests], negatives, s, image, grid) if par.is_main else None
+            mine = adapter.encode(prompts, negatives, s, image, grid, generators) if par.is_main else None
             conditioning = par.broadcast_conditioning(mine, adapter.device)
         else:
-            conditioning = adapter.encode([r.prompt for r in requests], negatives, s, image, grid)
+            conditioning = adapter.encode(prompts, negatives, s, image, grid, generators)
+        for generator, state in zip(generators, conditioning.generator_states or ()):
+            generator.set_state(state)
         if offload is not None:
             offload.release()
         timings["encode"] = time.perf_counter() - t0
@@ -274,20 +288,19 @@ class Engine:
             t = adapter.timestep_tensor(timestep, x.shape[0])
             step = adapter.step_kwargs(ctx, x.shape[0])  # MeanFlow's timestep_r; usually empty
             with torch.no_grad():
+                fwd = lambda xi, ti, kw: adapter.forward(module, xi, ti, kw)  # noqa: E731
                 if stages is not None:  # this stage's own layout (parallel.stage_layouts)
-                    fwd = lambda xi, ti, kw: adapter.forward(module, xi, ti, kw)  # noqa: E731
-                    v = stages.velocity(ctx, fwd, x_in, t, conditioning, step, g)
+                    v = stages.velocity(ctx, fwd, x_in, t, conditioning, step, g, adapter)
                 elif cfg_parallel:
                     # Each half of the world runs one branch; one exchange gives both to everyone.
                     assert par is not None and conditioning.uncond is not None
                     mine = conditioning.cond if par.cfg_rank == 0 else conditioning.uncond
-                    v, v_uncond = par.exchange_cfg(adapter.forward(module, x_in, t, {**mine, **step}))
+                    v, v_uncond = par.exchange_cfg(fwd(x_in, t, {**mine, **step}))
                     v = v_uncond + g * (v - v_uncond)
                 else:
-                    v = adapter.forward(module, x_in, t, {**conditioning.cond, **step})
-                    if conditioning.uncond is not None:
-                        v_uncond = adapter.forward(module, x_in, t, {**conditioning.uncond, **step})
-                        v = v_uncond + g * (v - v_uncond)
+                    cond, uncond = conditioning.cond, conditioning.uncond
+                    batched, shared = adapter.batched_cfg, adapter.shared_cfg_kwargs
+                    v = guided(fwd, x_in, t, cond, uncond, step, g, batched, shared)
             v = adapter.pin_velocity(v, x, ctx, conditioning, grid)
             grid_k = (ctx.grid.t, ctx.grid.h, ctx.grid.w)
             trace.append(StepTrace(ctx.step, ctx.stage, timestep, expert, grid_k, g, ctx.next_timestep))
@@ -296,9 +309,6 @@ class Engine:
                 on_step(trace[-1])
             return v.to(x.dtype)
 
-        # Stochastic schedulers (CogVideoX's DPM) draw each step's noise from one generator per request, seeded with
-        # its seed on the CPU (as the pipeline's generator=): the same on every rank.
-        generators = request_generators([r.seed for r in requests])
         permutation = getattr(adapter, "scheduler_permutation", None)
         solver = make_solver(adapter.scheduler, s.steps, generators, permutation, grid=grid)
         t0 = time.perf_counter()

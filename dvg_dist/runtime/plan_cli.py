@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--sketch", metavar="FILE", help="safetensors file with the sketch x̂0 [B, C, T, H, W]")
     src.add_argument("--synthetic-sketch", metavar="SEED", type=int, help="analyse a synthetic sketch latent")
     p.add_argument("--spatial-multiple", type=int, default=1, help="spatial sizes are multiples of M (Wan: 2)")
+    p.add_argument(
+        "--temporal-multiple", type=int, default=1, help="reduced stages' latent frames: multiples of M (CogVideoX: 2)"
+    )
     p.add_argument("--s-grid", type=float, default=0.1, help="spacing of the spatial-ratio candidates")
     p.add_argument("--mode", default=Mode.DVG.value, choices=[m.value for m in MODES])
     p.add_argument("--shift", type=float, default=5.0, help="the model's own schedule shift (stage 1)")
@@ -101,6 +104,8 @@ def build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Pl
         parser.error(f"argument --steps: must be >= 1; got {args.steps}")
     if args.spatial_multiple < 1:
         parser.error(f"argument --spatial-multiple: must be >= 1; got {args.spatial_multiple}")
+    if args.temporal_multiple < 1:
+        parser.error(f"argument --temporal-multiple: must be >= 1; got {args.temporal_multiple}")
     if not (math.isfinite(args.shift) and args.shift > 0):
         parser.error(f"argument --shift: must be > 0; got {args.shift:g}")
     try:
@@ -115,6 +120,7 @@ def build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Pl
             options=options,
             spatial_multiple=args.spatial_multiple,
             cost_model=COST_PRESETS[args.cost_model],
+            temporal_multiple=args.temporal_multiple,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -162,6 +168,7 @@ def to_json(
         "budget": planner.budget,
         "mode": args.mode,
         "spatial_multiple": planner.spatial_multiple,
+        "temporal_multiple": planner.temporal_multiple,
         "s_grid": planner.options.s_grid,
         "cost_model": args.cost_model,
         "shifts": _shifts(planner, args.shift),
@@ -190,7 +197,8 @@ def to_words(
     w_s = analysis["w_s"]
     demands = analysis["demands"]
     lines = [
-        f"latent grid:      {planner.full} (T x H x W), spatial multiple {planner.spatial_multiple}",
+        f"latent grid:      {planner.full} (T x H x W), spatial multiple {planner.spatial_multiple}"
+        + (f", temporal multiple {planner.temporal_multiple}" if planner.temporal_multiple > 1 else ""),
         f"steps:            {planner.num_steps}, budget {planner.budget:g}, mode {args.mode}",
         f"cost model:       {args.cost_model} (FLOP density: attention quadratic in tokens)",
         f"boundaries:       switch after model calls {ints(planner.boundaries)}",
