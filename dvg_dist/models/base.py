@@ -115,9 +115,9 @@ class Adapter(ABC):
     """The pipeline runs the two guidance branches as one batch ``[uncond, cond]`` (CogVideoX, LTX-Video); the
     engine then does too wherever both branches run on the same ranks (``runtime/guidance.py``)."""
     shared_cfg_kwargs: ClassVar[frozenset[str]] = frozenset()
+    """Conditioning tensors without a batch dimension, passed once to a batched-CFG pass (CogVideoX's ``ofs``)."""
     dynamic_cfg: ClassVar[bool] = False
     """The family has a guidance schedule over the timestep (``sampling.use_dynamic_cfg``; CogVideoX)."""
-    """Conditioning tensors without a batch dimension, passed once to a batched-CFG pass (CogVideoX's ``ofs``)."""
     transformer_config: ClassVar[str] = "transformer/config.json"
     vae_config: ClassVar[str] = "vae/config.json"
 
