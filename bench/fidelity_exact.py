@@ -823,12 +823,12 @@ def _memoise_encode(engine: Engine) -> None:
     inner = adapter.encode
     memo: dict[Any, Any] = {}
 
-    def encode(prompts: list[str], negatives: Any, sampling: Any, image: Any, grid: Any) -> Any:
-        if image is not None:
-            return inner(prompts, negatives, sampling, image, grid)
+    def encode(prompts: list[str], negatives: Any, sampling: Any, image: Any, grid: Any, generators: Any = None) -> Any:
+        if image is not None:  # an image encoding may draw from the request generators: never shared
+            return inner(prompts, negatives, sampling, image, grid, generators)
         key = (tuple(prompts), tuple(negatives or ()), sampling.guidance_scale > 1.0)
         if key not in memo:
-            memo[key] = inner(prompts, negatives, sampling, image, grid)
+            memo[key] = inner(prompts, negatives, sampling, image, grid, generators)
         return memo[key]
 
     adapter.encode = encode  # type: ignore[method-assign, assignment]
