@@ -212,7 +212,7 @@ class DVG:
             from .runtime.engine import validate
 
             validate(self.config, [])  # checkpoint, size, frames, budget, LoRAs: before any weight loads
-        validate_layout(self.config, world)
+        validate_layout(self.config, world, batch=None)  # a dpN stage layout: checked per call
         self.worker = Worker(self.config)
         if world > 1:
             self.worker.init_distributed()
@@ -257,57 +257,101 @@ class DVG:
         """One video. ``settings``: ``budget``, ``mode``, ``steps``, ``size``, ``frame_num``, ``guidance_scale``,
         ``guidance_scale_2``, ``true_cfg_scale``, ``negative_prompt`` for this call (the config's otherwise).
         ``callback(StepInfo)`` runs after every model call (on every rank)."""
-        return self._run(prompt, seed, image, output_type, callback, progress, decode=output_type != "latent",
-                         settings=settings)  # fmt: skip
+        request = self._request(prompt, seed, image, None)
+        return self._run([request], output_type, callback, progress, decode=output_type != "latent",
+                         settings=settings)[0]  # fmt: skip
+
+    def generate_batch(
+        self,
+        prompts: list[str],
+        *,
+        seeds: list[int] | None = None,
+        negative_prompts: list[str | None] | None = None,
+        image: str | Path | None = None,
+        output_type: OutputType = "np",
+        callback: Callable[[StepInfo], None] | None = None,
+        progress: bool = False,
+        **settings: Any,
+    ) -> list[VideoOutput]:
+        """Several videos in one batch: every model call runs all of them (``batch`` samples), which is what a data
+        parallel stage layout (``parallel.stage_layouts`` ``dpN``) splits across ranks. They share one plan: DVG
+        decides it from the sketch demands pooled over the batch, so in ``dvg`` mode a video may differ from the
+        one :meth:`generate` makes of its prompt alone (in ``full`` and ``fixed`` mode only by batched arithmetic).
+        ``seeds``: one per prompt (default: the config's seed plus the prompt's index); ``negative_prompts``: one per
+        prompt (None: the ``negative_prompt`` setting, else the config's); ``image``: one first frame for all of them;
+        ``settings`` as in :meth:`generate`."""
+        if not isinstance(prompts, list | tuple) or not prompts:
+            raise InputError("prompts must be a non-empty list of strings")
+        base = self.config.sampling.seed
+        seeds = [base + k for k in range(len(prompts))] if seeds is None else list(seeds)
+        negatives = [None] * len(prompts) if negative_prompts is None else list(negative_prompts)
+        if len(seeds) != len(prompts) or len(negatives) != len(prompts):
+            raise InputError(
+                f"{len(prompts)} prompts need as many seeds and negative prompts; got {len(seeds)} and {len(negatives)}"
+            )
+        requests = [self._request(p, seed, image, n) for p, seed, n in zip(prompts, seeds, negatives, strict=True)]
+        return self._run(requests, output_type, callback, progress, decode=output_type != "latent", settings=settings)
 
     def plan(self, prompt: str, *, seed: int | None = None, image: str | Path | None = None,
              **settings: Any) -> VideoOutput:  # fmt: skip
         """Denoise without decoding: the plan, demands, timings and final latent of the video ``generate`` would
         make with the same arguments (``frames`` is None)."""
-        return self._run(prompt, seed, image, "latent", None, False, decode=False, settings=settings)
+        request = self._request(prompt, seed, image, None)
+        return self._run([request], "latent", None, False, decode=False, settings=settings)[0]
+
+    def _request(self, prompt: str, seed: int | None, image: str | Path | None, negative: str | None) -> Any:
+        from .runtime.engine import Request
+
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("prompt is empty")
+        return Request(prompt, self.config.sampling.seed if seed is None else int(seed),
+                       negative, None if image is None else str(image))  # fmt: skip
 
     def _run(
         self,
-        prompt: str,
-        seed: int | None,
-        image: str | Path | None,
+        requests: list[Any],
         output_type: OutputType,
         callback: Callable[[StepInfo], None] | None,
         progress: bool,
         decode: bool,
         settings: Mapping[str, Any],
-    ) -> VideoOutput:
-        from .runtime.engine import Request, sidecar
+    ) -> list[VideoOutput]:
+        from .runtime.engine import sidecar
 
         if output_type not in ("np", "pil", "latent"):
             raise InputError(f"output_type must be np, pil or latent; got {output_type!r}")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("prompt is empty")
         config = self._call_config(settings)
-        request = Request(prompt, config.sampling.seed if seed is None else int(seed),
-                          image=None if image is None else str(image))  # fmt: skip
-        self._validate(config, request)
+        self._validate(config, requests)
         on_step = None if callback is None else _step_callback(callback, config)
-        result = self.engine.generate([request], decode=decode, progress=progress, config=config, on_step=on_step)
-        frames: Any = None
-        if result.frames is not None and output_type != "latent":
-            frames = result.frames[0]
-            if output_type == "pil":
-                from PIL import Image
+        result = self.engine.generate(requests, decode=decode, progress=progress, config=config, on_step=on_step)
+        outputs = []
+        for k, request in enumerate(requests):
+            frames: Any = None
+            if result.frames is not None and output_type != "latent":
+                frames = result.frames[k]
+                if output_type == "pil":
+                    from PIL import Image
 
-                frames = [Image.fromarray(f) for f in frames]
-        record = sidecar(result, 0, config, {}, self.worker.layout_record())
-        return VideoOutput(prompt, request.seed, frames, result.latent, Plan.from_record(record["plan"],
-                           result.timings), dict(result.timings), self.engine.adapter.fps, record)  # fmt: skip
+                    frames = [Image.fromarray(f) for f in frames]
+            record = sidecar(result, k, config, {}, self.worker.layout_record())
+            plan = Plan.from_record(record["plan"], result.timings)
+            outputs.append(VideoOutput(request.prompt, request.seed, frames, result.latent[k : k + 1], plan,
+                                       dict(result.timings), self.engine.adapter.fps, record))  # fmt: skip
+        return outputs
 
-    def _validate(self, config: Config, request: Any) -> None:
+    def _validate(self, config: Config, requests: list[Any]) -> None:
         """The CLI's checks for this call; a pipeline built in memory (no checkpoint directory to read) gets the
-        checks its loaded modules allow: the latent grid of the size and frames, and the budget's feasibility."""
+        checks its loaded modules allow: the latent grid of the size and frames, and the budget's feasibility.
+        A forced data-parallel stage layout is checked against this call's batch."""
         from .dvg.options import Mode
+        from .runtime.distributed import guidance_on, resolve_stage_layouts
         from .runtime.engine import validate
 
+        par = self.engine.parallel
+        if par is not None and config.parallel.stage_layouts is not None:
+            resolve_stage_layouts(config, par.layout.world_size, par.num_heads, guidance_on(config), len(requests))
         if self._checkpoint:
-            validate(config, [request], model_checks=False)  # the model's own were checked at load
+            validate(config, requests, model_checks=False)  # the model's own were checked at load
             return
         s = config.sampling
         grid = self.engine.spec.latent_grid(*s.pixel_size(), s.frame_num)

@@ -277,8 +277,9 @@ class ParallelConfig:
     uses the last). An entry is ``auto`` (a cost model picks the cheapest layout for that stage's grid), ``fixed``
     (the layout of the degrees above) or a spec: ``dpN``, ``cfgN``, ``uN`` (Ulysses), ``rN`` (ring) joined by ``x``,
     e.g. ``u4``, ``cfg2xu2``, ``dp2xu2``; the degrees must multiply to the world size. CFG-parallel needs guidance,
-    ``dpN`` a batch of N or more prompts (the executors run one per batch). A string is split at commas. None: every
-    stage on the fixed layout. Switching layouts moves no data; same result (docs/parallel.md)."""
+    ``dpN`` a batch of N or more prompts (``generate.py --batch_size``, ``DVG.generate_batch``; Ray and serve run one
+    per batch). A string is split at commas. None: every stage on the fixed layout. Switching layouts moves no data;
+    same result (docs/parallel.md)."""
     link_latency_us: float | None = None
     """Cost model of ``auto`` stage layouts: microseconds per collective call; None = measured at start-up."""
     link_bandwidth_gbs: float | None = None

@@ -108,6 +108,29 @@ def test_bad_arguments_raise_one_line_before_any_model_work(dvg):
         DVG.from_pretrained("/nonexistent/checkpoint", config=CONFIG)
 
 
+def test_generate_batch_shares_one_plan_and_equals_each_prompt_alone_in_full_mode(dvg):
+    prompts = [PROMPT, "a blue cube on a table"]
+    alone = [dvg.generate(p, seed=k, mode="full", output_type="latent").latent for k, p in enumerate(prompts)]
+    outs = dvg.generate_batch(prompts, seeds=[0, 1], mode="full", output_type="latent")
+    assert [(o.prompt, o.seed, o.latent.shape) for o in outs] == [(p, k, alone[0].shape) for k, p in enumerate(prompts)]
+    for got, want in zip(outs, alone, strict=True):
+        assert float((got.latent - want).abs().max() / want.abs().max()) < 1e-5  # a batch of 2 sums in another order
+    # DVG mode: one plan for the batch (demands pooled), in every video's record; the default seeds count up.
+    first, second = dvg.generate_batch(prompts, budget=0.5)
+    assert (first.seed, second.seed) == (0, 1) and first.frames.shape == second.frames.shape == (17, 64, 64, 3)
+    assert first.plan == second.plan and first.sidecar["batch"] == 2
+    assert not np.array_equal(first.frames, second.frames)
+    calls: list[Any] = []
+    for args, kwargs, needle in [
+        ([[]], {}, "non-empty list"),
+        ([prompts], {"seeds": [1]}, "2 prompts need as many seeds"),
+        ([[PROMPT, " "]], {}, "prompt is empty"),
+    ]:
+        with pytest.raises(InputError, match=needle):
+            dvg.generate_batch(*args, callback=calls.append, **kwargs)
+    assert calls == []
+
+
 def _two_rank_job(rank: int, world: int, path: str) -> list[torch.Tensor]:
     """Two generate calls on one DVG over a 2-rank process group (kept up between them)."""
     os.environ.update(HF_HUB_OFFLINE="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

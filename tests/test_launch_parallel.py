@@ -93,6 +93,7 @@ def test_a_rank_that_raises_fails_the_run_naming_the_rank(tiny_checkpoint, tmp_p
         (["--nproc", "2", "--use_cfg_parallel", "--guidance_scale", "1"], "CFG-parallel needs guidance"),
         (["--nproc", "4", "--ulysses_degree", "4", "--ring_degree", "1"], "does not divide num_heads=2"),
         (["--nproc", "0"], "--nproc must be >= 1"),
+        (["--batch_size", "0"], "--batch_size must be >= 1"),
         (["--set", "parallel.backend=mpi"], "parallel.backend must be one of auto, nccl, gloo"),
         (["--nproc", "2", "--backend", "nccl"], "backend nccl needs CUDA"),
         (["--set", "parallel.text_encoder=rank1"], "parallel.text_encoder must be one of each, rank0"),

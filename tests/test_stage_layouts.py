@@ -5,6 +5,7 @@ off — the final latent of every layout mix against one process and against eac
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -222,13 +223,46 @@ def test_layout_specs_are_parsed_and_bad_ones_refused_in_one_line(tiny_checkpoin
         resolve_stage_layouts(
             load_config(None, ["parallel.stage_layouts=auto", "parallel.shard_weights=true"]), 2, 2, True
         )
-    # From the command line: refused before any process starts (the executors run one prompt per batch).
-    argv = ["--config", str(ROOT / "configs" / "tiny-wan.yaml"), "--model", path, "--prompt", "x", "--out",
-            str(tmp_path / "o"), "--nproc", "2", "--set", "parallel.stage_layouts=auto,dp2,u2,u2"]  # fmt: skip
-    assert generate_main(argv) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "parallel.stage_layouts[1]: layout dp2 runs 2 batch slices" in errors[0], errors
-    assert not (tmp_path / "o").exists()
+    # From the command line: refused before any process starts, one prompt per batch by default; with
+    # --batch_size 2, three prompts leave a last batch of one.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("x\ny\nz\n")
+    base = ["--config", str(ROOT / "configs" / "tiny-wan.yaml"), "--model", path, "--out", str(tmp_path / "o"),
+            "--nproc", "2", "--set", "parallel.stage_layouts=auto,dp2,u2,u2"]  # fmt: skip
+    for more in (["--prompt", "x"], ["--prompts", str(prompts), "--batch_size", "2"]):
+        assert generate_main([*base, *more]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "parallel.stage_layouts[1]: layout dp2 runs 2 batch slices" in errors[0], errors
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_batch_size_runs_data_parallel_stages_from_the_command_line(tiny_checkpoint, tmp_path):
+    """generate.py --batch_size 2 on 2 ranks with the sketch and stage 3 data parallel: each video equals its prompt
+    generated alone in one process (fixed plan; a batch of 2 may sum in another order), and the sidecars say so."""
+    from safetensors.torch import load_file
+
+    from dvg_dist import DVG
+
+    path = str(tiny_checkpoint("wan"))
+    config = ROOT / "configs" / "tiny-wan.yaml"
+    lines = [("a red ball", 3), ("a blue cube", 4)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p, "seed": s, "name": f"v{k}"}) + "\n" for k, (p, s) in enumerate(lines))
+    )
+    argv = ["--config", str(config), "--model", path, "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+            "--nproc", "2", "--batch_size", "2", "--mode", "fixed", "--fixed", "0.5,0.6", "--save-latent",
+            "--no-progress", "--set", "parallel.stage_layouts=dp2,u2,dp2,cfg2"]  # fmt: skip
+    assert generate_main(argv) == 0
+    alone = DVG.from_pretrained(path, config=config, sampling__mode="fixed", dvg__fixed=[0.5, 0.6])
+    for k, (prompt, seed) in enumerate(lines):
+        want = alone.generate(prompt, seed=seed, output_type="latent").latent
+        got = load_file(tmp_path / "o" / f"v{k}.latent.safetensors")["latent"]
+        assert _rel(got, want) < TOL, (k, _rel(got, want))
+        side = json.loads((tmp_path / "o" / f"v{k}.json").read_text())
+        assert side["batch"] == 2 and side["seed"] == seed
+        assert [st["layout"]["layout"] for st in side["plan"]["stages"]] == ["dp2", "u2", "dp2", "cfg2"]
 
 
 def test_cost_model_prices_every_collective():

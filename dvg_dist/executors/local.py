@@ -35,21 +35,31 @@ def serve(job: Job) -> int:
         len(job.requests), job.grid, s.steps, s.mode.value, s.budget, s.guidance_scale, config.model.path,
     )  # fmt: skip
     dvg = DVG(config=config)
-    for index, req in enumerate(job.requests):
-        name = req.name or output_name(req.prompt, req.seed, s.mode.value, index if len(job.requests) > 1 else None)
-        out = dvg.generate(req.prompt, seed=req.seed, image=req.image, negative_prompt=req.negative_prompt,
-                           progress=job.progress)  # fmt: skip
+    many = len(job.requests) > 1
+    for batch in job.request_batches():
+        reqs = [job.requests[k] for k in batch]
+        if len(reqs) == 1:
+            req = reqs[0]
+            outs = [dvg.generate(req.prompt, seed=req.seed, image=req.image, negative_prompt=req.negative_prompt,
+                                 progress=job.progress)]  # fmt: skip
+        else:
+            logger.info("batch of %d: requests %d-%d in one call", len(reqs), batch[0] + 1, batch[-1] + 1)
+            outs = dvg.generate_batch([r.prompt for r in reqs], seeds=[r.seed for r in reqs],
+                                      negative_prompts=[r.negative_prompt for r in reqs], image=reqs[0].image,
+                                      progress=job.progress)  # fmt: skip
         if not dvg.is_main:
             continue
-        files = {"video": f"{name}.mp4", "sidecar": f"{name}.json"}
-        write_video(job.out / files["video"], out.frames, out.fps)
-        if job.save_latent:
-            files["latent"] = f"{name}.latent.safetensors"
-            write_latent(job.out / files["latent"], out.latent[0:1])
-        record = {**out.sidecar, "files": files}
-        write_json(job.out / files["sidecar"], record)  # last: its presence means the request is complete
-        print(f"wrote {job.out / files['video']} ({out.timings['total']:.2f}s)")
-        print(describe_plan(record["plan"]))
+        for index, req, out in zip(batch, reqs, outs, strict=True):
+            name = req.name or output_name(req.prompt, req.seed, s.mode.value, index if many else None)
+            files = {"video": f"{name}.mp4", "sidecar": f"{name}.json"}
+            write_video(job.out / files["video"], out.frames, out.fps)
+            if job.save_latent:
+                files["latent"] = f"{name}.latent.safetensors"
+                write_latent(job.out / files["latent"], out.latent[0:1])
+            record = {**out.sidecar, "files": files}
+            write_json(job.out / files["sidecar"], record)  # last: its presence means the request is complete
+            print(f"wrote {job.out / files['video']} ({out.timings['total']:.2f}s)")
+            print(describe_plan(record["plan"]))
     dvg.close()
     return 0
 

@@ -144,7 +144,7 @@ def check_spec(
     if batch is not None and spec.dp > batch:
         raise ValueError(
             f"{at}layout {spec.name} runs {spec.dp} batch slices side by side, but the batch has {batch} prompt(s)"
-            + (" (generate.py, the Python API, Ray and serve run one prompt per batch)" if batch == 1 else "")
+            + (" (one prompt per batch: give generate.py --batch_size N, or DVG.generate_batch)" if batch == 1 else "")
         )
 
 

@@ -132,17 +132,17 @@ def num_heads(config: Config) -> int:
     return cls.num_heads_from_config(cls.read_json_configs(path)[0])
 
 
-def validate_layout(config: Config, world_size: int) -> None:
+def validate_layout(config: Config, world_size: int, batch: int | None = 1) -> None:
     """Refuse an impossible layout (or memory option) for ``world_size`` ranks before any process starts or weight
-    loads."""
+    loads. ``batch``: the fewest prompts any engine call of the run gets (a forced ``dpN`` stage layout needs N);
+    None where it is not known yet (the Python API, whose ``generate_batch`` checks each call)."""
     from .memory import check_options
 
     layout = None
     if world_size > 1 or config.parallel.ulysses_degree or config.parallel.ring_degree or config.parallel.cfg_parallel:
         layout = resolve_layout(config, world_size, num_heads(config), guidance_on(config))
     if config.parallel.stage_layouts is not None:
-        # The executors (generate.py, the Python API, Ray, serve) run one prompt per batch.
-        resolve_stage_layouts(config, world_size, num_heads(config), guidance_on(config), batch=1)
+        resolve_stage_layouts(config, world_size, num_heads(config), guidance_on(config), batch=batch)
     check_options(config, layout)
 
 

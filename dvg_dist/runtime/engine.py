@@ -231,6 +231,8 @@ class Engine:
         ``on_step`` is called with each model call's :class:`StepTrace` right after it (progress reporting)."""
         if not requests:
             raise InputError("no prompts given")
+        if len({r.image for r in requests}) > 1:
+            raise InputError("the requests of one batch share their image (one first frame per batch)")
         config = config or self.config
         s = config.sampling
         width, height = s.pixel_size()
@@ -430,6 +432,7 @@ def sidecar(
         ],
         "fuse_lora": config.model.fuse_lora,
         "parallel": parallel or {"world_size": 1},
+        "batch": len(result.requests),
         "timings": result.timings,
         "files": files,
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,14 @@ def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
         "--save-latent", "--save_latent", action="store_true", help="also write <name>.latent.safetensors"
     )
     parser.add_argument("--nproc", type=int, default=1, help="spawn N worker processes (no torchrun needed)")
+    parser.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=int,
+        default=1,
+        help="prompts per batch (default 1): each model call runs them together, and a dpN stage layout splits "
+        "them over ranks; a batch shares one DVG plan",
+    )
     parser.add_argument("--no-progress", "--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs (the whole candidate table)")
     return parser
@@ -69,6 +77,23 @@ class Job:
     out: Path
     save_latent: bool
     progress: bool
+    batches: list[list[int]] = field(default_factory=list)
+    """Indices into ``requests``, one list per engine call (``--batch_size``); empty: one request per call."""
+
+    def request_batches(self) -> list[list[int]]:
+        return self.batches or [[k] for k in range(len(self.requests))]
+
+
+def make_batches(requests: list[Request], size: int) -> list[list[int]]:
+    """Consecutive requests in batches of up to ``size``; a batch holds one first frame, so a request whose image
+    differs from the one before starts a new batch."""
+    out: list[list[int]] = []
+    for k, request in enumerate(requests):
+        if out and len(out[-1]) < size and requests[out[-1][0]].image == request.image:
+            out[-1].append(k)
+        else:
+            out.append([k])
+    return out
 
 
 def prepare(args: argparse.Namespace, world_size: int) -> Job:
@@ -79,8 +104,12 @@ def prepare(args: argparse.Namespace, world_size: int) -> Job:
     grid = validate(config, requests)
     if world_size < 1:
         raise InputError(f"--nproc must be >= 1; got {world_size}")
-    validate_layout(config, world_size)
+    size = getattr(args, "batch_size", 1)
+    if size < 1:
+        raise InputError(f"--batch_size must be >= 1; got {size}")
+    batches = make_batches(requests, size)
+    validate_layout(config, world_size, batch=min(len(b) for b in batches))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
-    return Job(config, requests, grid, out, bool(args.save_latent), not args.no_progress)
+    return Job(config, requests, grid, out, bool(args.save_latent), not args.no_progress, batches)
