@@ -27,9 +27,13 @@ What ``LTXPipeline.__call__`` does, and how each piece maps onto the engine:
   VAE at the pipeline's default ``decode_timestep`` 0 (``decode_noise_scale`` then 0: no noise is mixed in). A
   timestep-conditioned VAE (LTX-Video 0.9.1+) is given that timestep; an unconditioned one (0.9.0) none.
 
-Not supported: ``LTXImageToVideoPipeline`` / ``LTXConditionPipeline`` (per-token timesteps with a clean frame 0; the
-adapter registry refuses their checkpoints in one line), transformer patches other than 1 (the pipeline passes the
-latent sizes to the rotary embedding, so only patch 1 is self-consistent in diffusers itself).
+Not supported (the adapter registry refuses their checkpoints in one line): ``LTXConditionPipeline``, whose
+conditions at other frames are either blended into latent frames ``frame_index // 8`` on or appended as extra
+tokens carrying their own pixel coordinates (``video_coords``), with a denoise strength: at a DVG stage with fewer
+latent frames those positions have no exact counterpart, so its conditioning would have to be re-derived per stage
+grid; ``LTXImageToVideoPipeline`` (a clean frame 0 with per-token timesteps, the same shape as Wan 2.2 TI2V's
+image-to-video, which is supported: not built yet); transformer patches other than 1 (the pipeline passes the latent
+sizes to the rotary embedding, so only patch 1 is self-consistent in diffusers itself).
 """
 
 from __future__ import annotations
