@@ -74,9 +74,118 @@ def test_adapter_declares_the_ltx_layout(ltx):
     tokens = pack(x)
     assert tokens.shape == (2, FULL.t * FULL.h * FULL.w, C) and torch.equal(tokens[1, 9], x[1, :, 0, 1, 1])
     assert torch.equal(unpack(tokens, FULL), x)
-    with pytest.raises(InputError, match="LTXImageToVideoPipeline is not supported") as err:
-        adapter.encode([PROMPT], None, _config(path).sampling, image=object(), grid=FULL)
+    # One checkpoint for both tasks: as LTXPipeline the image is optional; as LTXImageToVideoPipeline it is needed.
+    assert LTXVideoAdapter.image_use(read_model_index(path)) == "optional" and adapter.accepts_image
+    twin = LTXVideoAdapter(_i2v_pipeline(pipe))
+    assert twin.is_i2v and not adapter.is_i2v
+    assert LTXVideoAdapter.image_use({"_class_name": "LTXImageToVideoPipeline"}) == "required"
+    with pytest.raises(InputError, match=r"image-to-video checkpoint \(LTXImageToVideoPipeline\): pass --image") as err:
+        twin.encode([PROMPT], None, _config(path).sampling, image=None, grid=FULL)
     assert "\n" not in str(err.value)
+    assert "LTXConditionPipeline" not in ADAPTERS, "LTXConditionPipeline's conditions do not fit DVG's stage grids"
+
+
+def _i2v_pipeline(pipe: Any) -> Any:
+    """The tiny checkpoint's modules in ``LTXImageToVideoPipeline``, as diffusers runs image-to-video."""
+    from diffusers import LTXImageToVideoPipeline
+
+    i2v = LTXImageToVideoPipeline(
+        scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        transformer=pipe.transformer,
+    )  # fmt: skip
+    i2v.set_progress_bar_config(disable=True)
+    return i2v
+
+
+def _image() -> Any:
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:128, 0:128]
+    rgb = np.stack([xx * 2, yy * 2, (xx + yy)], axis=-1).clip(0, 255).astype("uint8")
+    return Image.fromarray(rgb)
+
+
+def _first_frame(i2v: Any, seed: int) -> torch.Tensor:
+    """The image latent ``LTXImageToVideoPipeline.prepare_latents`` puts in frame 0, drawn from ``generator=[seed]``."""
+    pixels = i2v.video_processor.preprocess(_image(), height=256, width=256)
+    generator = [torch.Generator().manual_seed(seed)]
+    packed, mask = i2v.prepare_latents(pixels, 1, C, 256, 256, 33, torch.float32, torch.device("cpu"), generator)
+    assert torch.equal(unpack(mask.unsqueeze(-1), FULL)[:, 0, 0], torch.ones(1, 8, 8)), "mask 1 on frame 0 only"
+    return unpack(packed, FULL)[:, :, :1]
+
+
+def test_i2v_full_mode_equals_ltx_image_to_video_pipeline(ltx, tmp_path):
+    """Image-to-video on the same checkpoint, loaded as LTXPipeline (the image optional) or LTXImageToVideoPipeline:
+    full mode equals diffusers' I2V pipeline bit for bit with CFG — the image latent in frame 0 (sampled from the
+    request's generator), per-token timesteps 0 on it, frame 0 never moving."""
+    path, pipe = ltx
+    i2v = _i2v_pipeline(pipe)
+    image_path = tmp_path / "first.png"
+    _image().save(image_path)
+    steps = 6
+    cfg = _config(path, "sampling.mode=full", f"sampling.steps={steps}")
+    first = _first_frame(i2v, seed=5)
+    latents = hash_noise(5, C, torch.arange(FULL.t), torch.arange(FULL.h), torch.arange(FULL.w))
+    latents[:, :, :1] = first  # what the pipeline's prepare_latents would hand its loop
+    seen: list[torch.Tensor] = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda _, __, k: seen.append(k["timestep"]), with_kwargs=True)
+    try:
+        ref = i2v(
+            image=_image(), prompt=PROMPT, negative_prompt="", latents=pack(latents), num_inference_steps=steps,
+            guidance_scale=3.0, height=256, width=256, num_frames=33, output_type="latent",
+        ).frames  # fmt: skip
+        reference_calls = len(seen)
+        request = Request(PROMPT, seed=5, image=str(image_path))
+        validate(cfg, [request])  # the LTXPipeline checkpoint takes --image
+        results = [Engine(cfg, loaded).generate([request], decode=False, progress=False) for loaded in (pipe, i2v)]
+    finally:
+        hook.remove()
+    ref = unpack(ref, FULL)
+    for loaded, ours in zip(("LTXPipeline", "LTXImageToVideoPipeline"), results):
+        assert _rel(ours.latent, ref) == 0.0, f"{loaded}: differs from the I2V pipeline by {_rel(ours.latent, ref):.2e}"
+        assert torch.equal(ours.latent[:, :, :1], first), "frame 0 must be the image latent"
+    # The engine's calls pass the pipeline's timesteps: [uncond, cond] per token, 0 on frame 0's 64 tokens.
+    assert reference_calls == steps and len(seen) == 3 * steps
+    assert all(torch.equal(a, b) for a, b in zip(seen[:steps], seen[steps : 2 * steps]))
+    assert seen[0].shape == (2, 5 * 8 * 8) and bool((seen[0][:, :64] == 0).all()) and bool((seen[0][:, 64:] > 0).all())
+    t2v = Engine(cfg, pipe).generate([Request(PROMPT, seed=5)], decode=False, progress=False).latent
+    assert _rel(t2v, ref) > 0.05, "the image must change the video"
+
+
+def test_dvg_i2v_keeps_the_image_in_frame_0_of_every_stage(ltx, tmp_path):
+    """DVG image-to-video: every stage's packed model input holds the image latent (sampled at the stage's
+    coordinates) on frame 0's tokens with timestep 0 there, and the final latent's frame 0 is the image latent."""
+    from dvg_dist.dvg import sample_at, stage_coords
+
+    path, pipe = ltx
+    image_path = tmp_path / "first.png"
+    _image().save(image_path)
+    seen: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]] = []
+
+    def record(_: Any, __: Any, k: dict[str, Any]) -> None:
+        seen.append((k["hidden_states"].clone(), k["timestep"].clone(), (k["num_frames"], k["height"], k["width"])))
+
+    hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        engine = Engine(_config(path), pipe)
+        result = engine.generate([Request(PROMPT, seed=2, image=str(image_path))], decode=False, progress=False)
+    finally:
+        hook.remove()
+    first = _first_frame(_i2v_pipeline(pipe), seed=2)
+    assert torch.equal(result.latent[:, :, :1], first)
+    grids = [Grid(*g) for g in result.record.chosen["grids"]]
+    assert len(set(grids)) > 2, f"the plan should reduce the early stages: {grids}"
+    coords = stage_coords(grids)
+    condition = first.expand(-1, -1, FULL.t, -1, -1)
+    assert len(seen) == len(result.trace) == 12
+    for trace, (tokens, t, grid) in zip(result.trace, seen):
+        g = grids[trace.stage]
+        assert grid == (g.t, g.h, g.w)
+        expected = sample_at(condition, coords[trace.stage], FULL)[:, :, :1]
+        frame0 = g.h * g.w
+        assert torch.equal(unpack(tokens[1:, :frame0], Grid(1, g.h, g.w)), expected), f"stage {trace.stage + 1}"
+        assert t.shape == (2, g.t * frame0) and bool((t[:, :frame0] == 0).all())
+        assert bool((t[:, frame0:] == trace.timestep).all())
 
 
 @pytest.mark.parametrize("guidance", [3.0, 1.0])
@@ -212,7 +321,9 @@ def test_tiled_decode_equals_diffusers(ltx):
 # -- sequence parallel ---------------------------------------------------------------------------------------
 
 
-def _sp_job(rank: int, world: int, ulysses: int, ring: int, cfg: int, path: str, text_encoder: str) -> dict[str, Any]:
+def _sp_job(
+    rank: int, world: int, ulysses: int, ring: int, cfg: int, path: str, text_encoder: str, image: str | None
+) -> dict[str, Any]:
     """DVG on the group: the final latent and the token shard every call's patch embedding saw on this rank."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     from dvg_dist.parallel import ParallelLayout, build_groups, sequence_parallel_state
@@ -224,7 +335,7 @@ def _sp_job(rank: int, world: int, ulysses: int, ring: int, cfg: int, path: str,
     engine = Engine(_config(path, *overrides), pipe, parallel=par)
     shards: list[tuple[int, int]] = []
     hook = pipe.transformer.proj_in.register_forward_pre_hook(lambda _, args: shards.append(tuple(args[0].shape[:2])))
-    result = engine.generate([Request(PROMPT, seed=11)], decode=False, progress=False)
+    result = engine.generate([Request(PROMPT, seed=11, image=image)], decode=False, progress=False)
     hook.remove()
     state = sequence_parallel_state(pipe.transformer)
     calls = 0 if state is None else state.calls
@@ -233,23 +344,44 @@ def _sp_job(rank: int, world: int, ulysses: int, ring: int, cfg: int, path: str,
 
 
 @pytest.fixture(scope="module")
-def one_process(ltx) -> torch.Tensor:
-    path, pipe = ltx
-    return Engine(_config(path), pipe).generate([Request(PROMPT, seed=11)], decode=False, progress=False).latent
+def image_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("ltx-image") / "first.png"
+    _image().save(path)
+    return str(path)
+
+
+_ONE_PROCESS: dict[str | None, torch.Tensor] = {}
+
+
+def _one_process(ltx: tuple[Path, Any], image: str | None) -> torch.Tensor:
+    """The one-process DVG latent (computed once per image, shared by the cases)."""
+    if image not in _ONE_PROCESS:
+        path, pipe = ltx
+        request = Request(PROMPT, seed=11, image=image)
+        _ONE_PROCESS[image] = Engine(_config(path), pipe).generate([request], decode=False, progress=False).latent
+    return _ONE_PROCESS[image]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("world", "ulysses", "ring", "cfg", "text_encoder"),
-    [(2, 2, 1, 1, "each"), (3, 1, 3, 1, "rank0"), (2, 1, 1, 2, "rank0")],
+    ("world", "ulysses", "ring", "cfg", "text_encoder", "i2v"),
+    [
+        (2, 2, 1, 1, "each", False),
+        (3, 1, 3, 1, "rank0", False),
+        (2, 1, 1, 2, "rank0", False),
+        (3, 1, 3, 1, "rank0", True),
+    ],
 )
-def test_sequence_parallel_equals_one_process(ltx, one_process, world, ulysses, ring, cfg, text_encoder):
+def test_sequence_parallel_equals_one_process(ltx, image_file, world, ulysses, ring, cfg, text_encoder, i2v):
     """Ulysses 2 and ring 3 (uneven shards) run both guidance branches as one batch of 2, as the pipeline; CFG-parallel
-    runs one branch per rank at batch 1: the same latent up to that batch's round-off."""
+    runs one branch per rank at batch 1: the same latent up to that batch's round-off. Image-to-video (ring 3): the
+    per-token timestep splits with the tokens, the image latent and generator states broadcast from rank 0."""
     from dvg_dist.parallel import shard_sizes
 
     path, _ = ltx
-    reports = run_distributed(_sp_job, world, ulysses, ring, cfg, str(path), text_encoder, timeout=240.0)
+    image = image_file if i2v else None
+    one_process = _one_process(ltx, image)
+    reports = run_distributed(_sp_job, world, ulysses, ring, cfg, str(path), text_encoder, image, timeout=240.0)
     config = _config(path)
     counts = Planner(config.latent_grid(), 12, 0.5, config.dvg, 1).executed_counts
     tokens = [t * h * w for t, h, w in reports[0]["grids"]]

@@ -66,6 +66,43 @@ class Conditioning:
     step noise is the pipeline's. None when encoding draws nothing."""
 
 
+CLEAN_FIRST_FRAME = "dvg_clean_first_frame"
+"""A conditioning entry (not a transformer kwarg: the adapter's ``forward`` takes it out) saying the batch's frame 0
+is a clean image under per-token timesteps (Wan 2.2 TI2V and LTX-Video image-to-video). It rides in the kwargs so
+it reaches every rank with the broadcast conditioning."""
+
+
+def first_frame_mask(grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``[1, 1, T, H, W]`` float32: 0 on frame 0 (the image), 1 elsewhere — the pipelines' first-frame mask."""
+    mask = torch.ones((1, 1, *grid), dtype=torch.float32, device=device)
+    mask[:, :, 0] = 0
+    return mask
+
+
+def with_first_frame(x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    """``x`` with frame 0 replaced by ``condition``'s, as the pipelines write it: ``(1 - mask)·c + mask·x``."""
+    mask = first_frame_mask(tuple(x.shape[2:]), x.device)
+    return (1 - mask) * condition.to(x) + mask * x
+
+
+def pin_first_frame(v: torch.Tensor, x: torch.Tensor, condition: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The velocity with frame 0 pointed at the clean image ``c`` (``condition``'s frame 0): ``(x - c)/σ``, so
+    x̂0 = x - σ·v holds the image there."""
+    v = v.clone()
+    v[:, :, 0] = ((x[:, :, 0] - condition[:, :, 0].to(x)) / sigma).to(v.dtype)
+    return v
+
+
+def check_token_shards(model: str, tokens: int, sp_degree: int) -> None:
+    """Refuse a per-token-timestep forward that would leave a rank without tokens: diffusers' timestep embedders
+    cannot reshape an empty per-token timestep (the 1-D-timestep families run empty shards fine)."""
+    if tokens < sp_degree:
+        raise InputError(
+            f"{model} under sequence parallelism needs at least one token per rank: a stage grid has {tokens} "
+            f"tokens for {sp_degree} ranks (use a larger size or fewer ranks)"
+        )
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """A family's geometry: what the planner and the validation need, read from the loaded checkpoint."""

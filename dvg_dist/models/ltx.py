@@ -1,5 +1,5 @@
-"""The LTX-Video adapter (``LTXPipeline``, text-to-video) and its sequence plan, on diffusers' own
-``LTXVideoTransformer3DModel`` and ``AutoencoderKLLTXVideo``.
+"""The LTX-Video adapter (``LTXPipeline``, text-to-video; ``LTXImageToVideoPipeline``, the same checkpoint with a first
+frame) and its sequence plan, on diffusers' own ``LTXVideoTransformer3DModel`` and ``AutoencoderKLLTXVideo``.
 
 What ``LTXPipeline.__call__`` does, and how each piece maps onto the engine:
 
@@ -15,6 +15,13 @@ What ``LTXPipeline.__call__`` does, and how each piece maps onto the engine:
   sizes — rather than a coarse sampling of the full extent (scaling the interpolation by ``full / stage`` per axis),
   which puts every token's position between those it ever saw.
 - **Timestep.** ``t.expand(B)``: the scheduler's float32 timestep per video, whatever the transformer's dtype.
+- **Image-to-video** (``--image``; an ``LTXPipeline`` checkpoint takes one, as ``LTXImageToVideoPipeline`` loads the
+  same files). The image's latent, from that pipeline's own ``prepare_latents`` (the VAE posterior sampled from the
+  request's generator, normalised), is frame 0 of the latent and never stepped; the timestep is per token,
+  ``t · (1 - mask)`` with the mask 1 on frame 0. The engine writes the image into frame 0 of every stage's model input
+  (sampled at the stage's coordinates), points frame 0's velocity at it and writes it into the final latent, so a
+  full run equals the pipeline's and DVG's sketch sees the image. Under sequence parallelism the per-token timestep
+  splits with the tokens (a stage with fewer tokens than ranks is refused).
 - **Guidance.** Plain CFG, ``uncond + g·(cond − uncond)`` in float32 on ``noise_pred.float()``, with the two branches
   run as **one batch** ``[negative, positive]``. Batch 1 and batch 2 round differently (a matrix–vector product in
   the timestep embedder at batch 1), so to equal the pipeline bit for bit the adapter declares ``batched_cfg`` and the
@@ -31,9 +38,8 @@ Not supported (the adapter registry refuses their checkpoints in one line): ``LT
 conditions at other frames are either blended into latent frames ``frame_index // 8`` on or appended as extra
 tokens carrying their own pixel coordinates (``video_coords``), with a denoise strength: at a DVG stage with fewer
 latent frames those positions have no exact counterpart, so its conditioning would have to be re-derived per stage
-grid; ``LTXImageToVideoPipeline`` (a clean frame 0 with per-token timesteps, the same shape as Wan 2.2 TI2V's
-image-to-video, which is supported: not built yet); transformer patches other than 1 (the pipeline passes the latent
-sizes to the rotary embedding, so only patch 1 is self-consistent in diffusers itself).
+grid; transformer patches other than 1 (the pipeline passes the latent sizes to the rotary embedding, so only patch
+1 is self-consistent in diffusers itself).
 """
 
 from __future__ import annotations
@@ -46,15 +52,30 @@ import torch
 
 from ..config import SamplingConfig
 from ..dvg.planner import CostModel, Grid
-from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
+from ..dvg.resize import sample_at
+from ..dvg.sampler import StageContext
+from .base import (
+    CLEAN_FIRST_FRAME,
+    Adapter,
+    Conditioning,
+    FamilySpec,
+    InputError,
+    SequencePlan,
+    check_token_shards,
+    first_frame_mask,
+    pin_first_frame,
+    with_first_frame,
+)
 
 # The sequence-parallel layout, as diffusers' own ``_cp_plan`` for LTXVideoTransformer3DModel minus its text split:
 # the packed hidden states ``[B, S, C]`` are split at the transformer's input (listed first, so they fix the token
-# count), the rotary cos/sin (``rope`` outputs 0 and 1, ``[B, S, D]``, built from the whole grid) with the same
-# partition, and ``proj_out`` is gathered so every rank unpacks the whole velocity. Text enters cross-attention only
-# (``attn2``, kept local: each rank's queries attend all text tokens), so it is neither split nor declared.
+# count), the rotary cos/sin (``rope`` outputs 0 and 1, ``[B, S, D]``, built from the whole grid) and, for
+# image-to-video, the per-token timestep ``[B, S]`` with the same partition (text-to-video's ``[B]`` has no dim 1
+# and stays whole), and ``proj_out`` is gathered so every rank unpacks the whole velocity. Text enters
+# cross-attention only (``attn2``, kept local: each rank's queries attend all text tokens), so it is neither split
+# nor declared.
 LTX_SEQUENCE_PLAN = SequencePlan(
-    split_inputs={"": {"hidden_states": 1}, "rope": {"0": 1, "1": 1}},
+    split_inputs={"": {"hidden_states": 1, "timestep": 1}, "rope": {"0": 1, "1": 1}},
     gather_outputs={"proj_out": 1},
 )
 
@@ -126,11 +147,13 @@ def call_transformer(
 
 
 class LTXVideoAdapter(Adapter):
-    """``LTXPipeline`` (text-to-video): T5 text in cross-attention, CFG batched as the pipeline, FlowMatch Euler with
-    dynamic shifting, the timestep-conditioned LTX VAE."""
+    """``LTXPipeline`` (text-to-video) and ``LTXImageToVideoPipeline`` (the same checkpoint with a first frame): T5
+    text in cross-attention, CFG batched as the pipeline, FlowMatch Euler with dynamic shifting, the
+    timestep-conditioned LTX VAE."""
 
     family = "ltx"
-    pipeline_classes = ("LTXPipeline",)
+    pipeline_classes = ("LTXPipeline", "LTXImageToVideoPipeline")
+    i2v_pipeline_classes = ("LTXImageToVideoPipeline",)
     sequence_plan = LTX_SEQUENCE_PLAN
     batched_cfg = True
     fps = 25
@@ -148,6 +171,12 @@ class LTXVideoAdapter(Adapter):
             pipe.vae_spatial_compression_ratio,
             pipe.vae_spatial_compression_ratio,
         )
+        self._i2v_twin: Any = None
+
+    @classmethod
+    def image_use(cls, model_index: dict[str, Any]) -> str:
+        # Lightricks' checkpoints are LTXPipeline ones that LTXImageToVideoPipeline loads as they are: --image optional.
+        return "required" if model_index.get("_class_name") in cls.i2v_pipeline_classes else "optional"
 
     @staticmethod
     def spec_from_configs(transformer: dict[str, Any], vae: dict[str, Any]) -> FamilySpec:
@@ -184,12 +213,10 @@ class LTXVideoAdapter(Adapter):
         generators: list[torch.Generator] | None = None,
     ) -> Conditioning:
         """As ``LTXPipeline.__call__``: ``encode_prompt`` (T5 states + boolean mask, padded to 128 tokens), CFG when
-        ``guidance_scale > 1`` with the negative prompt's encoding stacked first, as one batch."""
-        if image is not None:
-            raise InputError(
-                "--image needs an image-to-video checkpoint; this one is text-to-video (LTXPipeline), and "
-                "LTXImageToVideoPipeline is not supported yet"
-            )
+        ``guidance_scale > 1`` with the negative prompt's encoding stacked first, as one batch. With an image, as
+        ``LTXImageToVideoPipeline``: its latent (sampled from ``generators``) is frame 0, clean."""
+        if image is None and self.is_i2v:
+            raise InputError("this is an image-to-video checkpoint (LTXImageToVideoPipeline): pass --image")
         do_cfg = sampling.guidance_scale > 1.0
         with torch.no_grad():
             embeds, mask, negative, negative_mask = self.pipe.encode_prompt(
@@ -200,11 +227,68 @@ class LTXVideoAdapter(Adapter):
                 device=self.device,
             )
         dtype = self.transformer_dtype
-        cond = {"encoder_hidden_states": embeds.to(dtype), "encoder_attention_mask": mask}
-        if not do_cfg:
-            return Conditioning(cond, None)
-        uncond = {"encoder_hidden_states": negative.to(dtype), "encoder_attention_mask": negative_mask}
-        return Conditioning(cond, uncond)
+        cond: dict[str, Any] = {"encoder_hidden_states": embeds.to(dtype), "encoder_attention_mask": mask}
+        uncond: dict[str, Any] | None = None
+        if do_cfg:
+            uncond = {"encoder_hidden_states": negative.to(dtype), "encoder_attention_mask": negative_mask}
+        if image is None:
+            return Conditioning(cond, uncond)
+        if generators is None:  # a direct call: the run's seed, as the engine's request generators
+            generators = [torch.Generator().manual_seed(sampling.seed) for _ in prompts]
+        condition = self._first_frame_condition(image, len(prompts), grid, embeds.dtype, generators)
+        for kwargs in (cond, uncond):
+            if kwargs is not None:
+                kwargs[CLEAN_FIRST_FRAME] = True
+        return Conditioning(cond, uncond, condition, [g.get_state() for g in generators])
+
+    def _first_frame_condition(
+        self, image: Any, batch: int, grid: Grid, dtype: torch.dtype, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """``LTXImageToVideoPipeline.prepare_latents``' own first frame: the image's VAE latent sampled from
+        ``generators[b]``, normalised with the VAE's ``latents_mean`` / ``latents_std``, repeated over the full grid's
+        frames so it is a full-size field every stage samples at its coordinates (only frame 0 is read). An
+        LTXPipeline checkpoint borrows the I2V pipeline's function through a twin sharing its modules."""
+        import diffusers
+
+        pipe = self.pipe
+        if not self.is_i2v and self._i2v_twin is None:
+            self._i2v_twin = diffusers.LTXImageToVideoPipeline(
+                scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                transformer=pipe.transformer,
+            )  # fmt: skip
+        i2v = pipe if self.is_i2v else self._i2v_twin
+        st, sh, sw = self.spec.vae_scale
+        height, width, frames = grid.h * sh, grid.w * sw, (grid.t - 1) * st + 1
+        with torch.no_grad():
+            pixels = pipe.video_processor.preprocess([image] * batch, height=height, width=width)
+            packed, _ = i2v.prepare_latents(
+                pixels.to(self.device, dtype), batch, self.spec.latent_channels, height, width, frames,
+                torch.float32, self.device, list(generators), None,
+            )  # fmt: skip
+        # Frame 0 of the pipeline's initial latent is the image latent itself (mask 1 there: init·1 + noise·0).
+        return unpack(packed, grid)[:, :, :1].expand(-1, -1, grid.t, -1, -1).contiguous()
+
+    def model_input(self, x: torch.Tensor, ctx: StageContext, conditioning: Conditioning, full: Grid) -> torch.Tensor:
+        if conditioning.latent_condition is None:
+            return x.to(self.transformer_dtype)
+        # LTXImageToVideoPipeline's latents hold the image in frame 0 throughout (never stepped).
+        condition = sample_at(conditioning.latent_condition, ctx.coords, full)
+        return with_first_frame(x, condition).to(self.transformer_dtype)
+
+    def pin_velocity(
+        self, v: torch.Tensor, x: torch.Tensor, ctx: StageContext, conditioning: Conditioning, full: Grid
+    ) -> torch.Tensor:
+        """Image-to-video: frame 0 is the image, known exactly; its velocity points at it (the pipeline does not
+        step frame 0, and the model input and the final latent carry the image there, so a full run is unchanged
+        while DVG's sketch and temporal upsampling see the image)."""
+        if conditioning.latent_condition is None:
+            return v
+        return pin_first_frame(v, x, sample_at(conditioning.latent_condition, ctx.coords, full), ctx.sigma)
+
+    def final_latent(self, latent: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        if conditioning.latent_condition is None:
+            return latent
+        return with_first_frame(latent, conditioning.latent_condition)
 
     def timestep_tensor(self, timestep: float, batch: int) -> torch.Tensor:
         # LTXPipeline: ``t.expand(B)`` of the scheduler's float32 timesteps.
@@ -214,7 +298,17 @@ class LTXVideoAdapter(Adapter):
         self, module: torch.nn.Module, x_in: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]
     ) -> torch.Tensor:
         """The transformer on the packed latent (the engine's batched-CFG pass is ``[x, x]`` against the stacked
-        ``[negative, positive]`` text), in float32 as the pipeline takes ``noise_pred.float()``."""
+        ``[negative, positive]`` text), in float32 as the pipeline takes ``noise_pred.float()``. Image-to-video: the
+        timestep per token as ``LTXImageToVideoPipeline`` builds it, ``t · (1 - mask)`` with the mask 1 on frame 0."""
+        if kwargs.get(CLEAN_FIRST_FRAME):
+            kwargs = {k: v for k, v in kwargs.items() if k != CLEAN_FIRST_FRAME}
+            keep = first_frame_mask(tuple(x_in.shape[2:]), x_in.device)  # the pipeline's 1 - conditioning_mask
+            t = t.to(x_in.device).unsqueeze(-1) * keep.flatten().unsqueeze(0)
+            from ..parallel import sequence_parallel_state
+
+            state = sequence_parallel_state(module)
+            if state is not None:
+                check_token_shards("LTX-Video image-to-video", t.shape[1], state.groups.layout.sp_degree)
         out = call_transformer(module, x_in, t, self.rope_interpolation_scale, kwargs).float()
         return unpack(out, Grid(*x_in.shape[2:]))
 

@@ -11,7 +11,17 @@ from ..config import SamplingConfig
 from ..dvg.planner import CostModel, Grid
 from ..dvg.resize import sample_at
 from ..dvg.sampler import StageContext
-from .base import Adapter, Conditioning, FamilySpec, InputError, SequencePlan
+from .base import (
+    CLEAN_FIRST_FRAME,
+    Adapter,
+    Conditioning,
+    FamilySpec,
+    InputError,
+    SequencePlan,
+    check_token_shards,
+    pin_first_frame,
+    with_first_frame,
+)
 
 # The context-parallel layout diffusers itself declares for WanTransformer3DModel (``_cp_plan``): rotary
 # cos/sin split after ``rope``, hidden states split before the first block, ``proj_out`` gathered so every
@@ -35,19 +45,9 @@ WAN_TI2V_SEQUENCE_PLAN = SequencePlan(
 )
 
 
-CLEAN_FIRST_FRAME = "dvg_clean_first_frame"
-"""A conditioning entry (not a transformer kwarg: :meth:`WanAdapter.forward` takes it out) saying the batch is Wan
-2.2 TI2V image-to-video. It rides in the kwargs so it reaches every rank with the broadcast conditioning."""
-
-
 def check_ti2v_shards(tokens: int, sp_degree: int) -> None:
-    """Refuse a TI2V forward that would leave a rank without tokens: diffusers' condition embedder cannot unflatten
-    an empty per-token timestep (the 1-D-timestep families run empty shards fine)."""
-    if tokens < sp_degree:
-        raise InputError(
-            f"Wan 2.2 TI2V under sequence parallelism needs at least one token per rank: a stage grid has {tokens} "
-            f"tokens for {sp_degree} ranks (use a larger size or fewer ranks)"
-        )
+    """Refuse a TI2V forward that would leave a rank without tokens (:func:`check_token_shards`)."""
+    check_token_shards("Wan 2.2 TI2V", tokens, sp_degree)
 
 
 class WanAdapter(Adapter):
@@ -195,33 +195,25 @@ class WanAdapter(Adapter):
         if not (self.expand_timesteps and conditioning.latent_condition is not None):
             return super().model_input(x, ctx, conditioning, full)
         # As WanImageToVideoPipeline with expand_timesteps: (1 - mask)·condition + mask·latents, mask 0 on frame 0.
-        mask = torch.ones((1, 1, *x.shape[2:]), dtype=torch.float32, device=x.device)
-        mask[:, :, 0] = 0
-        condition = sample_at(conditioning.latent_condition, ctx.coords, full).to(x)
-        return ((1 - mask) * condition + mask * x).to(self.transformer_dtype)
+        condition = sample_at(conditioning.latent_condition, ctx.coords, full)
+        return with_first_frame(x, condition).to(self.transformer_dtype)
 
     def pin_velocity(
         self, v: torch.Tensor, x: torch.Tensor, ctx: StageContext, conditioning: Conditioning, full: Grid
     ) -> torch.Tensor:
         """Wan 2.2 TI2V image-to-video: frame 0 is the image, known exactly. Its velocity is set to the one that
-        points at it, ``(x - c)/σ``, so x̂0 = x - σ·v holds the image there; the model input never reads the
-        latent's frame 0 (it is replaced by the image) and the pipeline overwrites it after the last step, so the
-        result of a full run is unchanged — but DVG's sketch and its temporal upsampling see the image, not a
-        frame 0 that ran free."""
+        points at it (:func:`pin_first_frame`); the model input never reads the latent's frame 0 (it is replaced by
+        the image) and the pipeline overwrites it after the last step, so the result of a full run is unchanged —
+        but DVG's sketch and its temporal upsampling see the image, not a frame 0 that ran free."""
         if not (self.expand_timesteps and conditioning.latent_condition is not None):
             return v
-        c = sample_at(conditioning.latent_condition, ctx.coords, full)[:, :, 0].to(x)
-        v = v.clone()
-        v[:, :, 0] = ((x[:, :, 0] - c) / ctx.sigma).to(v.dtype)
-        return v
+        return pin_first_frame(v, x, sample_at(conditioning.latent_condition, ctx.coords, full), ctx.sigma)
 
     def final_latent(self, latent: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         if not (self.expand_timesteps and conditioning.latent_condition is not None):
             return latent
         # The pipeline after its loop: latents = (1 - mask)·condition + mask·latents.
-        mask = torch.ones((1, 1, *latent.shape[2:]), dtype=torch.float32, device=latent.device)
-        mask[:, :, 0] = 0
-        return (1 - mask) * conditioning.latent_condition.to(latent) + mask * latent
+        return with_first_frame(latent, conditioning.latent_condition)
 
     def transformer_for(self, timestep: float) -> tuple[torch.nn.Module, str]:
         # Wan 2.2 A14B: the high-noise expert at t ≥ boundary, decided on the current stage's schedule.

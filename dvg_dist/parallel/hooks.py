@@ -18,7 +18,8 @@ split the same way.
 
 The token count of a forward is the size, along its dim, of the first tensor split in that forward (the rotary
 tables in every family we drive); later declared inputs of a different size on that dim do not carry the sequence
-(Wan 2.1's ``temb`` is ``[B, 6, D]``; only Wan 2.2 TI2V's ``[B, S, 6, D]`` does) and are left whole. Hazard: a
+(Wan 2.1's ``temb`` is ``[B, 6, D]``; only Wan 2.2 TI2V's ``[B, S, 6, D]`` does) and are left whole, as are inputs
+without that dim (LTX-Video's ``timestep``: ``[B]`` for text-to-video, per token ``[B, S]`` with an image). Hazard: a
 non-sequence input whose size happens to equal the token count would be split; no family we drive declares one
 except Wan's ``temb`` at exactly 6 tokens, which no real stage grid comes near (TI2V's per-token timestep is
 split at the root, first, so there the token count is the sequence's own).
@@ -70,8 +71,8 @@ def _split_if_sequence(state: SequenceParallelState, x: Any, dim: int) -> Any:
     tuple or list (rotary ``(cos, sin)`` passed as one argument) has each of its tensors split the same way."""
     if isinstance(x, (tuple, list)):
         return type(x)(_split_if_sequence(state, e, dim) for e in x)
-    if not isinstance(x, torch.Tensor):
-        return x
+    if not isinstance(x, torch.Tensor) or x.ndim <= dim:
+        return x  # no such dim: no sequence (LTX-Video's timestep is [B] for text-to-video, [B, S] with an image)
     n = x.shape[dim]
     if state.num_tokens is None:
         state.num_tokens = n  # the first split of this forward fixes its token count
