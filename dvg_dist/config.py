@@ -214,6 +214,14 @@ class SamplingConfig:
     use_dynamic_cfg: bool = False
     """CogVideoX's cosine schedule of the guidance scale over the timestep (its pipelines' ``use_dynamic_cfg``; the
     CogVideoX 1.5 recipe turns it on); refused for the families that have none."""
+    decode_timestep: float = 0.0
+    """LTX-Video's decode timestep (its pipelines' ``decode_timestep``): given to a timestep-conditioned VAE
+    (LTX-Video 0.9.1+; the released recipes use 0.03-0.05), which then decodes the latent mixed with
+    ``decode_noise_scale`` of fresh noise from the request's seed. 0 (the pipelines' default) decodes the latent as it
+    is; refused for the families that have no such VAE."""
+    decode_noise_scale: float | None = None
+    """The noise mixed into the latent before a timestep-conditioned decode, ``(1 - s)·z + s·ε``; None = the decode
+    timestep (the pipelines' default)."""
 
     def __post_init__(self) -> None:
         try:
@@ -235,6 +243,9 @@ class SamplingConfig:
             raise ConfigError(f"sampling.frame_num must be >= 1; got {self.frame_num}")
         if self.guidance_scale < 0 or (self.guidance_scale_2 is not None and self.guidance_scale_2 < 0):
             raise ConfigError("sampling.guidance_scale and guidance_scale_2 must be >= 0")
+        for key, value in (("decode_timestep", self.decode_timestep), ("decode_noise_scale", self.decode_noise_scale)):
+            if value is not None and not 0 <= value <= 1:
+                raise ConfigError(f"sampling.{key} must be in [0, 1]; got {value}")
         self.pixel_size()  # validates the format
 
     def pixel_size(self) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import torch
 from diffusers import DiffusionPipeline
 from distributed import run_distributed
 
-from dvg_dist.config import load_config
+from dvg_dist.config import ConfigError, load_config
 from dvg_dist.dvg import DVGOptions, Grid, Mode, Planner, SamplerConfig, flow_sigmas, hash_noise, sample
 from dvg_dist.dvg.planner import CostModel
 from dvg_dist.models import ADAPTERS, InputError, LTXVideoAdapter, read_model_index
@@ -211,6 +211,34 @@ def test_full_mode_equals_ltx_pipeline(ltx, guidance):
         expected = (np.clip(np.asarray(frames), 0.0, 1.0) * 255.0).round().astype(np.uint8)
         assert ours.frames is not None and ours.frames.shape == (1, 33, 256, 256, 3)
         assert np.array_equal(ours.frames, expected), "decoded frames differ from the pipeline's"
+
+
+def test_decode_timestep_and_noise_equal_the_pipeline(ltx, tiny_checkpoint):
+    """The 0.9.1+ recipes' decode settings: the VAE gets ``decode_timestep`` and decodes ``(1 - s)·z + s·ε`` with ε
+    from the request's generator, as LTXPipeline given ``generator=`` and ``latents=``: the same frames. Refused, in
+    one line, for a family whose VAE takes no timestep."""
+    path, pipe = ltx
+    steps = 4
+    base = ["sampling.mode=full", f"sampling.steps={steps}", "sampling.guidance_scale=1.0"]
+    cfg = _config(path, *base, "sampling.decode_timestep=0.05", "sampling.decode_noise_scale=0.025")
+    ours = Engine(cfg, pipe).generate([Request(PROMPT, seed=3)], decode=True, progress=False)
+    latents = hash_noise(3, C, torch.arange(FULL.t), torch.arange(FULL.h), torch.arange(FULL.w))
+    frames = pipe(
+        prompt=PROMPT, latents=pack(latents), num_inference_steps=steps, guidance_scale=1.0, height=256, width=256,
+        num_frames=33, decode_timestep=0.05, decode_noise_scale=0.025, generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).frames  # fmt: skip
+    expected = (np.clip(np.asarray(frames), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    assert ours.frames is not None and np.array_equal(ours.frames, expected), "decoded frames differ from LTXPipeline's"
+    plain = Engine(_config(path, *base), pipe).generate([Request(PROMPT, seed=3)], decode=True, progress=False)
+    assert torch.equal(plain.latent, ours.latent) and not np.array_equal(plain.frames, ours.frames)
+    with pytest.raises(ConfigError, match=r"sampling.decode_noise_scale must be in \[0, 1\]; got 2.0"):
+        _config(path, "sampling.decode_noise_scale=2")
+    wan = tiny_checkpoint("wan")
+    wan_cfg = load_config(ROOT / "configs" / "tiny-wan.yaml", [f"model.path={wan}", "sampling.decode_timestep=0.03"])
+    with pytest.raises(InputError, match="are LTX-Video's VAE settings; this wan checkpoint has none") as err:
+        validate(wan_cfg, [Request(PROMPT)])
+    assert "\n" not in str(err.value)
 
 
 def test_dynamic_shift_solver_owns_the_transitions(ltx):

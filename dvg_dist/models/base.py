@@ -155,6 +155,8 @@ class Adapter(ABC):
     """Conditioning tensors without a batch dimension, passed once to a batched-CFG pass (CogVideoX's ``ofs``)."""
     dynamic_cfg: ClassVar[bool] = False
     """The family has a guidance schedule over the timestep (``sampling.use_dynamic_cfg``; CogVideoX)."""
+    decode_noise: ClassVar[bool] = False
+    """The family's VAE may take a decode timestep and noise (``sampling.decode_timestep``; LTX-Video)."""
     transformer_config: ClassVar[str] = "transformer/config.json"
     vae_config: ClassVar[str] = "vae/config.json"
 
@@ -314,6 +316,13 @@ class Adapter(ABC):
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's latent → VAE-input scaling (the Hunyuan families: divide by ``scaling_factor``)."""
         return latents / self.pipe.vae.config.scaling_factor
+
+    def decode_input(
+        self, z: torch.Tensor, sampling: SamplingConfig, generators: list[torch.Generator] | None
+    ) -> tuple[torch.Tensor, float]:
+        """The VAE-input latent as the pipeline decodes it, and the decode timestep its VAE takes (LTX-Video mixes in
+        noise for a timestep-conditioned VAE); unchanged, 0, by default."""
+        return z, 0.0
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latent ``[B, C, T, H, W]`` → uint8 frames ``[B, F, H, W, 3]``: the pipeline's VAE and its own

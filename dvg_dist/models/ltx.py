@@ -31,8 +31,9 @@ What ``LTXPipeline.__call__`` does, and how each piece maps onto the engine:
 - **Schedule.** ``FlowMatchEulerDiscreteScheduler`` with ``use_dynamic_shifting`` and ``shift_terminal``: ``mu`` from
   the video's latent size, ``sigmas = linspace(1, 1/N, N)`` (``runtime/solver.py``, ``DynamicShiftSolver``).
 - **Decode.** ``_denormalize_latents`` with the VAE's ``latents_mean`` / ``latents_std`` / ``scaling_factor``, then the
-  VAE at the pipeline's default ``decode_timestep`` 0 (``decode_noise_scale`` then 0: no noise is mixed in). A
-  timestep-conditioned VAE (LTX-Video 0.9.1+) is given that timestep; an unconditioned one (0.9.0) none.
+  VAE at ``sampling.decode_timestep`` (the pipeline's default 0: then no noise is mixed in). A timestep-conditioned
+  VAE (LTX-Video 0.9.1+) is given that timestep and decodes ``(1 - s)·z + s·ε`` (``decode_noise_scale``, ε from the
+  request's generator, :meth:`LTXVideoAdapter.decode_input`); an unconditioned one (0.9.0) neither.
 
 Not supported (the adapter registry refuses their checkpoints in one line): ``LTXConditionPipeline``, whose
 conditions at other frames are either blended into latent frames ``frame_index // 8`` on or appended as extra
@@ -92,13 +93,15 @@ def ltx_vae_scale(vae: dict[str, Any]) -> tuple[int, int]:
     return int(temporal), int(spatial)
 
 
-def decode_timestep(vae: Any, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """What ``LTXPipeline`` passes a VAE's decode as ``temb`` at its default ``decode_timestep`` 0: a zero per video
-    for a timestep-conditioned VAE (0.9.1+), None for the others (0.9.0). With ``decode_noise_scale`` left at its
-    default (the decode timestep, 0) the pipeline's noise mix ``(1 - 0)·z + 0·ε`` leaves the latent as it is."""
+def decode_timestep(
+    vae: Any, batch: int, dtype: torch.dtype, device: torch.device, timestep: float = 0.0
+) -> torch.Tensor | None:
+    """What ``LTXPipeline`` passes a VAE's decode as ``temb``: ``decode_timestep`` per video for a
+    timestep-conditioned VAE (0.9.1+), None for the others (0.9.0, which ignore the setting, as the pipeline does).
+    The noise mix that goes with it is :meth:`LTXVideoAdapter.decode_input`'s."""
     if not vae.config.timestep_conditioning:
         return None
-    return torch.tensor([0.0] * batch, device=device, dtype=dtype)
+    return torch.tensor([timestep] * batch, device=device, dtype=dtype)
 
 
 def mark_cross_attention(transformer: torch.nn.Module) -> None:
@@ -156,6 +159,7 @@ class LTXVideoAdapter(Adapter):
     i2v_pipeline_classes = ("LTXImageToVideoPipeline",)
     sequence_plan = LTX_SEQUENCE_PLAN
     batched_cfg = True
+    decode_noise = True
     fps = 25
     """``LTXPipeline``'s ``frame_rate`` default: what the rotary scale tells the model, and the written video's rate."""
     max_sequence_length = MAX_SEQUENCE_LENGTH
@@ -316,6 +320,25 @@ class LTXVideoAdapter(Adapter):
         # LTXPipeline's own un-normalisation (latents_mean / latents_std / scaling_factor), so decodes match it exactly.
         vae = self.pipe.vae
         return self.pipe._denormalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+
+    def decode_input(
+        self, z: torch.Tensor, sampling: SamplingConfig, generators: list[torch.Generator] | None
+    ) -> tuple[torch.Tensor, float]:
+        """As ``LTXPipeline`` before its VAE call: for a timestep-conditioned VAE, ``(1 - s)·z + s·ε`` with ε drawn
+        from the requests' generators (the pipeline's ``generator=``; fresh here, as the pipeline's is when given
+        ``latents=``) and s = ``decode_noise_scale`` (default: the decode timestep). At 0 the mix is the identity, so
+        it is skipped."""
+        t = sampling.decode_timestep
+        scale = t if sampling.decode_noise_scale is None else sampling.decode_noise_scale
+        if not self.pipe.vae.config.timestep_conditioning or (t == 0 and scale == 0):
+            return z, t
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if generators is None:  # a direct call: the run's seed, as the engine's request generators
+            generators = [torch.Generator().manual_seed(sampling.seed) for _ in range(z.shape[0])]
+        noise = randn_tensor(z.shape, generator=list(generators), device=z.device, dtype=z.dtype)
+        s = torch.tensor([scale] * z.shape[0], device=z.device, dtype=z.dtype)[:, None, None, None, None]
+        return (1 - s) * z + s * noise, t
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae

@@ -65,6 +65,8 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--true_cfg_scale", type=float, help="real CFG where guidance_scale is embedded (HunyuanVideo)")
     _flag(parser, "--use_dynamic_cfg", action="store_true", default=None,
           help="CogVideoX's cosine guidance schedule (its recipe's default)")  # fmt: skip
+    _flag(parser, "--decode_timestep", type=float, help="LTX-Video 0.9.1+: the VAE's decode timestep (default 0)")
+    _flag(parser, "--decode_noise_scale", type=float, help="LTX-Video 0.9.1+: noise mixed in before decoding")
     _flag(parser, "--sample_shift", "--shift", type=float, help="the model's schedule shift (default: checkpoint's)")
     _flag(parser, "--size", help="W x H in pixels, e.g. 1280x720 or 1280*720")
     _flag(parser, "--frame_num", "--num_frames", type=int, help="pixel frames (4k+1 for Wan/Hunyuan)")
@@ -170,6 +172,8 @@ FLAG_FIELDS: dict[str, str] = {
     "guidance_scale_2": "sampling.guidance_scale_2",
     "true_cfg_scale": "sampling.true_cfg_scale",
     "use_dynamic_cfg": "sampling.use_dynamic_cfg",
+    "decode_timestep": "sampling.decode_timestep",
+    "decode_noise_scale": "sampling.decode_noise_scale",
     "sample_shift": "model.shift",
     "size": "sampling.size",
     "frame_num": "sampling.frame_num",

@@ -114,6 +114,11 @@ def validate(config: Config, requests: list[Request], model_checks: bool = True)
             f"sampling.use_dynamic_cfg (--use_dynamic_cfg) is CogVideoX's guidance schedule; this {cls.family} "
             "checkpoint has none"
         )
+    if (s.decode_timestep or s.decode_noise_scale) and not cls.decode_noise:
+        raise InputError(
+            f"sampling.decode_timestep / decode_noise_scale (--decode_timestep) are LTX-Video's VAE settings; this "
+            f"{cls.family} checkpoint has none"
+        )
     if s.mode != Mode.FULL:
         cost = cost_model(config, cls, cls.read_json_configs(path)[0])
         planner = Planner(grid, s.steps, s.budget, config.dvg, spec.spatial_multiple, cost, spec.temporal_multiple)
@@ -340,7 +345,10 @@ class Engine:
             from .vae import TileSettings, decode_latent
 
             t0 = time.perf_counter()
-            frames = decode_latent(adapter, latent, tiling=TileSettings.from_config(config.model), parallel=split)
+            frames = decode_latent(
+                adapter, latent, tiling=TileSettings.from_config(config.model), parallel=split, sampling=s,
+                generators=generators,
+            )  # fmt: skip
             timings["decode"] = time.perf_counter() - t0
         if offload is not None:
             offload.release()

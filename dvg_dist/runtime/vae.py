@@ -57,7 +57,7 @@ from ..models import InputError
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-    from ..config import ModelConfig
+    from ..config import ModelConfig, SamplingConfig
     from ..models import Adapter
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,9 @@ class _Scheme:
     temporal = False
     ratio_key = "spatial_compression_ratio"
     """The VAE config key of its spatial compression."""
+
+    timestep = 0.0
+    """The decode timestep a timestep-conditioned VAE takes (LTX-Video's ``decode_timestep``)."""
 
     def __init__(self, vae: Any, settings: TileSettings) -> None:
         self.vae = vae
@@ -300,7 +303,7 @@ class _LTXVideoScheme(_Scheme):
     def decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         from ..models.ltx import decode_timestep
 
-        return self.vae.decoder(z, decode_timestep(self.vae, z.shape[0], z.dtype, z.device))
+        return self.vae.decoder(z, decode_timestep(self.vae, z.shape[0], z.dtype, z.device, self.timestep))
 
     decode_whole = decode_tile
 
@@ -311,6 +314,9 @@ class _CogVideoXScheme(_Scheme):
     half its sample size, overlaps of 1/6 of the height and 1/5 of the width: not the square size/stride the other
     VAEs take). So the plan is one unit (rank 0 decodes it under ``vae_parallel``), and ``model.vae_tile_size`` /
     ``vae_tile_stride`` other than the defaults are refused rather than ignored."""
+
+    timestep = 0.0
+    """The decode timestep a timestep-conditioned VAE takes (LTX-Video's ``decode_timestep``)."""
 
     def __init__(self, vae: Any, settings: TileSettings) -> None:
         self.vae = vae
@@ -557,6 +563,7 @@ def decode_video(
     *,
     parallel: bool = False,
     group: ProcessGroup | None = None,
+    timestep: float = 0.0,
 ) -> torch.Tensor | None:
     """VAE-input latent ``[B, C, T, H, W]`` → the VAE's video ``[B, 3, F, H', W']`` (what ``vae.decode`` returns).
 
@@ -566,6 +573,7 @@ def decode_video(
     """
     settings = tiling or TileSettings(spatial=False)
     scheme = scheme_for(vae, settings)
+    scheme.timestep = timestep
     plan = make_plan(scheme, tuple(z.shape))
     world = dist.get_world_size(group) if parallel else 1
     rank = dist.get_rank(group) if parallel else 0
@@ -595,11 +603,17 @@ def decode_latent(
     tiling: TileSettings | None = None,
     parallel: bool = False,
     group: ProcessGroup | None = None,
+    sampling: SamplingConfig | None = None,
+    generators: list[torch.Generator] | None = None,
 ) -> np.ndarray | None:
-    """The pipeline's latent → uint8 frames ``[B, F, H, W, 3]`` (the adapter's scaling and postprocessing around
-    :func:`decode_video`). With ``parallel``, every rank of ``group`` must call it; rank 0 gets the frames, the
-    others None. ``tiling`` None is the VAE's untiled decode."""
+    """The pipeline's latent → uint8 frames ``[B, F, H, W, 3]`` (the adapter's scaling, its decode-time noise and
+    timestep under ``sampling``, and postprocessing around :func:`decode_video`). With ``parallel``, every rank of
+    ``group`` must call it (with the same ``generators``); rank 0 gets the frames, the others None. ``tiling`` None
+    is the VAE's untiled decode."""
     vae = adapter.pipe.vae
     z = adapter.vae_input(latent.to(vae.device, vae.dtype))
-    video = decode_video(vae, z, tiling, parallel=parallel, group=group)
+    timestep = 0.0
+    if sampling is not None:
+        z, timestep = adapter.decode_input(z, sampling, generators)
+    video = decode_video(vae, z, tiling, parallel=parallel, group=group, timestep=timestep)
     return None if video is None else adapter.postprocess(video)
