@@ -217,6 +217,14 @@ class Adapter(ABC):
         """Whether ``encode`` may be given an image (its VAE then encodes it: offload keeps the VAE near)."""
         return self.image_use({"_class_name": type(self.pipe).__name__, **dict(self.pipe.config)}) != "none"
 
+    def check_image(self, image: Any | None) -> None:
+        """Refuse, in one line, an image this checkpoint cannot take or a missing one it needs."""
+        name = type(self.pipe).__name__
+        if image is not None and not self.accepts_image:
+            raise InputError(f"--image needs an image-to-video checkpoint; this one is text-to-video ({name})")
+        if image is None and self.is_i2v:
+            raise InputError(f"this is an image-to-video checkpoint ({name}): pass --image")
+
     @property
     def transformer_dtype(self) -> torch.dtype:
         return self.pipe.transformer.dtype

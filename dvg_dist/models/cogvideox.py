@@ -178,11 +178,7 @@ class CogVideoXAdapter(Adapter):
         generators: list[torch.Generator] | None = None,
     ) -> Conditioning:
         pipe = self.pipe
-        name = type(pipe).__name__
-        if image is not None and not self.is_i2v:
-            raise InputError(f"--image needs an image-to-video checkpoint; this one is text-to-video ({name})")
-        if image is None and self.is_i2v:
-            raise InputError(f"this is an image-to-video checkpoint ({name}): pass --image")
+        self.check_image(image)
         do_cfg = sampling.guidance_scale > 1.0  # as the pipelines
         with torch.no_grad():
             cond, uncond = pipe.encode_prompt(

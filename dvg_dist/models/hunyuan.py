@@ -127,10 +127,7 @@ class HunyuanVideoAdapter(Adapter):
         """As ``HunyuanVideoPipeline.__call__``: ``encode_prompt`` (Llama hidden states + mask, CLIP pooled),
         cast to the transformer's dtype; the embedded guidance ``guidance_scale × 1000`` in both passes; the
         negative prompt's encoding as the unconditional pass when ``true_cfg_scale > 1``."""
-        if image is not None:
-            raise InputError(
-                "--image needs an image-to-video checkpoint; this one is text-to-video (HunyuanVideoPipeline)"
-            )
+        self.check_image(image)
         # As the pipeline: true CFG iff true_cfg_scale > 1 and a negative prompt is given ("" counts).
         do_true_cfg = sampling.true_cfg_scale > 1.0 and negative_prompts is not None
         cond = self._encode(prompts)

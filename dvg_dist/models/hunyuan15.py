@@ -133,11 +133,7 @@ class HunyuanVideo15Adapter(Adapter):
         generators: list[torch.Generator] | None = None,
     ) -> Conditioning:
         pipe = self.pipe
-        name = type(pipe).__name__
-        if image is not None and not self.is_i2v:
-            raise InputError(f"--image needs an image-to-video checkpoint; this one is text-to-video ({name})")
-        if image is None and self.is_i2v:
-            raise InputError(f"this is an image-to-video checkpoint ({name}): pass --image")
+        self.check_image(image)
         batch, dtype, device = len(prompts), self.transformer_dtype, self.device
         do_cfg = self.do_cfg(sampling)
         own = float(pipe.guider.config.guidance_scale)

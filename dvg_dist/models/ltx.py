@@ -219,8 +219,7 @@ class LTXVideoAdapter(Adapter):
         """As ``LTXPipeline.__call__``: ``encode_prompt`` (T5 states + boolean mask, padded to 128 tokens), CFG when
         ``guidance_scale > 1`` with the negative prompt's encoding stacked first, as one batch. With an image, as
         ``LTXImageToVideoPipeline``: its latent (sampled from ``generators``) is frame 0, clean."""
-        if image is None and self.is_i2v:
-            raise InputError("this is an image-to-video checkpoint (LTXImageToVideoPipeline): pass --image")
+        self.check_image(image)
         do_cfg = sampling.guidance_scale > 1.0
         with torch.no_grad():
             embeds, mask, negative, negative_mask = self.pipe.encode_prompt(

@@ -118,10 +118,7 @@ class WanAdapter(Adapter):
         pipe = self.pipe
         # As WanPipeline: CFG when guidance_scale > 1 (the low-noise expert's guidance_scale_2 rides along).
         do_cfg = sampling.guidance_scale > 1.0
-        if image is not None and not self.accepts_image:
-            raise InputError("--image needs an image-to-video checkpoint; this one is text-to-video (WanPipeline)")
-        if image is None and self.is_i2v:
-            raise InputError("this is an image-to-video checkpoint (WanImageToVideoPipeline): pass --image")
+        self.check_image(image)
         with torch.no_grad():
             cond, uncond = pipe.encode_prompt(
                 prompt=prompts,
